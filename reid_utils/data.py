@@ -1,0 +1,265 @@
+"""Market-1501 names, where the data lives, the baseline transforms and the DataLoaders.
+
+Everything here works the same on the real ``Market-1501-v15.09.15`` folder and on the
+embedded synthetic set, because both use the same folder layout and the same file names.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torchvision import datasets, transforms
+
+# ImageNet statistics: the backbone was pre-trained on images normalised this way.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+MARKET_FOLDERS = ("bounding_box_train", "bounding_box_test", "query")
+MARKET_ENV_VAR = "MARKET1501_DIR"
+MARKET_FOLDER_NAMES = ("Market-1501-v15.09.15", "Market-1501")
+SYNTHETIC_FOLDER_NAME = "synthetic-market"
+
+# 0002_c1s1_000451_03.jpg -> pid 0002, camera 1, sequence 1, frame 000451, box 03.
+# Junk boxes use the pid -1 ("-1_c3s2_012345_02.jpg"); distractors use 0000.
+_MARKET_NAME = re.compile(r"^(?P<pid>-1|\d{4})_c(?P<cam>\d)s(?P<seq>\d)_(?P<frame>\d{6})_(?P<box>\d{2})\.jpg$")
+
+
+class MarketNameError(ValueError):
+    """A file name that does not follow the Market-1501 pattern."""
+
+
+class MarketName(NamedTuple):
+    pid: int  # -1 = junk, 0 = distractor, otherwise a person
+    camera: int
+    sequence: int
+    frame: int
+    box: int
+
+
+def parse_market_name(name: str | os.PathLike) -> MarketName:
+    """Decode a Market-1501 file name; the identity and camera are all evaluation needs."""
+    base = Path(name).name
+    match = _MARKET_NAME.match(base)
+    if match is None:
+        raise MarketNameError(
+            f"'{base}' is not a Market-1501 file name: expected PPPP_cCsS_FFFFFF_BB.jpg "
+            f"(for example 0002_c1s1_000451_03.jpg)."
+        )
+    return MarketName(
+        pid=int(match["pid"]),
+        camera=int(match["cam"]),
+        sequence=int(match["seq"]),
+        frame=int(match["frame"]),
+        box=int(match["box"]),
+    )
+
+
+# --------------------------------------------------------------------------- where the data is
+
+
+def repo_root() -> Path:
+    """The checkout this package was installed from (editable install), else the working directory."""
+    candidate = Path(__file__).resolve().parents[1]
+    if (candidate / "pyproject.toml").is_file() and (candidate / "reid_utils").is_dir():
+        return candidate
+    return Path.cwd()
+
+
+def default_data_root() -> Path:
+    return repo_root() / "data"
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """A path as a learner should read it: relative to the checkout when inside it."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(repo_root()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def is_market_folder(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return all((path / sub).is_dir() for sub in MARKET_FOLDERS)
+
+
+@dataclass(frozen=True)
+class DatasetLocation:
+    path: Path
+    synthetic: bool
+
+
+def find_dataset(
+    data_dir: str | os.PathLike | None = None,
+    data_root: str | os.PathLike | None = None,
+    quiet: bool = False,
+) -> DatasetLocation:
+    """Find Market-1501: the argument, then ``$MARKET1501_DIR``, then ``data/``; else the synthetic set.
+
+    An explicit ``data_dir`` that is not a Market folder is an error (the user asked for it),
+    while a missing dataset in the default places falls back to the embedded synthetic set,
+    generated on first use, with a one-line notice.
+    """
+    if data_dir is not None:
+        path = Path(data_dir).expanduser()
+        if not is_market_folder(path):
+            raise FileNotFoundError(
+                f"{path} is not a Market-1501 folder: it needs {', '.join(MARKET_FOLDERS)}. "
+                f"Point to the unzipped Market-1501-v15.09.15 folder."
+            )
+        return _announce(DatasetLocation(path, synthetic=False), quiet)
+    from_env = os.environ.get(MARKET_ENV_VAR)
+    if from_env:
+        path = Path(from_env).expanduser()
+        if not is_market_folder(path):
+            raise FileNotFoundError(
+                f"${MARKET_ENV_VAR}={from_env} is not a Market-1501 folder: it needs "
+                f"{', '.join(MARKET_FOLDERS)}. Fix the variable or unset it."
+            )
+        return _announce(DatasetLocation(path, synthetic=False), quiet)
+    root = Path(data_root) if data_root is not None else default_data_root()
+    for name in MARKET_FOLDER_NAMES:
+        if is_market_folder(root / name):
+            return _announce(DatasetLocation(root / name, synthetic=False), quiet)
+    return _announce(DatasetLocation(ensure_synthetic(root / SYNTHETIC_FOLDER_NAME), synthetic=True), quiet)
+
+
+def ensure_synthetic(path: str | os.PathLike) -> Path:
+    """The default synthetic set at ``path``, generated only when missing or made with other settings."""
+    from reid_utils import synthetic
+
+    path = Path(path)
+    summary = synthetic.read_summary(path)
+    wanted = (0, synthetic.DEFAULT_TRAIN_IDS, synthetic.DEFAULT_TEST_IDS)
+    if summary is None or (summary.seed, summary.train_ids, summary.test_ids) != wanted:
+        synthetic.generate_market(path, overwrite=True)
+    return path
+
+
+def _announce(location: DatasetLocation, quiet: bool) -> DatasetLocation:
+    if not quiet:
+        if location.synthetic:
+            print(
+                f"Market-1501 not found: using the embedded synthetic set in {display_path(location.path)} "
+                f"(set ${MARKET_ENV_VAR} or unzip Market-1501 into data/ to use the real one)."
+            )
+        else:
+            print(f"Using Market-1501 at {display_path(location.path)}")
+    return location
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def build_transforms(
+    height: int = 256,
+    width: int = 128,
+    erasing_p: float = 0.0,
+    color_jitter: bool = False,
+    pad: int | None = None,
+) -> dict[str, transforms.Compose]:
+    """The classic baseline's transforms; ``val`` is also the test-time transform.
+
+    Train: resize (bicubic) -> pad + random crop (small shifts) -> horizontal flip
+    [-> colour jitter] -> tensor -> ImageNet normalisation [-> random erasing].
+    Random erasing comes after normalisation so the erased box is filled with zeros,
+    which is the mean colour of the normalised images. ``pad`` defaults to 10 pixels at
+    256x128 and scales with the height for smaller demo inputs.
+    """
+    if not 0.0 <= erasing_p <= 1.0:
+        raise ValueError(f"erasing_p must be between 0 and 1, got {erasing_p}.")
+    if height < 16 or width < 8:
+        raise ValueError(f"input size {height}x{width} is too small; use at least 16x8.")
+    if pad is None:
+        pad = max(1, round(10 * height / 256))
+    size = (height, width)
+    bicubic = transforms.InterpolationMode.BICUBIC
+    normalise = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train = [
+        transforms.Resize(size, interpolation=bicubic),
+        transforms.Pad(pad),
+        transforms.RandomCrop(size),
+        transforms.RandomHorizontalFlip(),
+    ]
+    if color_jitter:
+        train.append(transforms.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0))
+    train += [transforms.ToTensor(), normalise]
+    if erasing_p > 0:
+        train.append(transforms.RandomErasing(p=erasing_p, value=0))
+    val = [transforms.Resize(size, interpolation=bicubic), transforms.ToTensor(), normalise]
+    return {"train": transforms.Compose(train), "val": transforms.Compose(val)}
+
+
+def denormalise(images: torch.Tensor) -> torch.Tensor:
+    """Undo the ImageNet normalisation so a tensor can be shown as a picture (values in [0, 1])."""
+    mean = torch.tensor(IMAGENET_MEAN).view(-1, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(-1, 1, 1)
+    return (images * std + mean).clamp(0, 1)
+
+
+# --------------------------------------------------------------------------- datasets and loaders
+
+
+def default_num_workers() -> int:
+    """Worker processes for DataLoaders: none on small machines, where they cost more than they save.
+
+    Workers re-import this package in each process (spawn on Windows and macOS), which is
+    safe because the datasets and transforms are defined here and not in a notebook cell.
+    """
+    cpus = os.cpu_count() or 1
+    return 0 if cpus <= 2 else min(4, cpus - 1)
+
+
+def build_dataloaders(
+    data_dir: str | os.PathLike,
+    batch_size: int = 32,
+    train_all: bool = False,
+    height: int = 256,
+    width: int = 128,
+    erasing_p: float = 0.0,
+    color_jitter: bool = False,
+    num_workers: int | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, torch.utils.data.DataLoader], dict[str, int], list[str]]:
+    """``ImageFolder`` datasets and loaders for the ``train`` and ``val`` phases, as in the classic ``train.py``.
+
+    With ``train_all`` the training phase reads ``train_all/`` (every training image);
+    the validation images are then also seen in training, so val accuracy is optimistic.
+    Returns the loaders, ``dataset_sizes`` and the class names (the person ids).
+    """
+    data_dir = Path(data_dir)
+    train_folder = "train_all" if train_all else "train"
+    for folder in (train_folder, "val"):
+        if not (data_dir / folder).is_dir():
+            raise FileNotFoundError(
+                f"{data_dir / folder} not found: {data_dir} is not a prepared folder. "
+                f"Run `python -m reid_utils.prepare --src <Market-1501 folder> --dst {data_dir}` first."
+            )
+    tfs = build_transforms(height, width, erasing_p, color_jitter)
+    image_datasets = {
+        "train": datasets.ImageFolder(str(data_dir / train_folder), tfs["train"]),
+        "val": datasets.ImageFolder(str(data_dir / "val"), tfs["val"]),
+    }
+    if image_datasets["train"].classes != image_datasets["val"].classes:
+        raise ValueError(f"{data_dir}: train and val hold different identities; run prepare again.")
+    workers = default_num_workers() if num_workers is None else num_workers
+    generator = torch.Generator().manual_seed(seed)
+    loaders = {
+        phase: torch.utils.data.DataLoader(
+            image_datasets[phase],
+            batch_size=batch_size,
+            shuffle=phase == "train",
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+            generator=generator if phase == "train" else None,
+        )
+        for phase in ("train", "val")
+    }
+    dataset_sizes = {phase: len(image_datasets[phase]) for phase in ("train", "val")}
+    return loaders, dataset_sizes, image_datasets["train"].classes

@@ -1,0 +1,170 @@
+"""The baseline re-ID network: an ImageNet ResNet, global pooling, and a small ``ClassBlock``.
+
+Training treats re-ID as classification over the training identities; at test time the
+classifier is thrown away and the 512-d vector before it is the person's embedding.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import init
+from torchvision import models
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+OFFLINE_ENV_VAR = "REID_OFFLINE"  # set to 1 to never try a download (tests do)
+
+
+def _init_kaiming(module: nn.Module) -> None:
+    """He initialisation keeps activations at a sane scale through the new layers."""
+    if isinstance(module, nn.Linear):
+        init.kaiming_normal_(module.weight, a=0, mode="fan_out")
+        init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm1d):
+        init.normal_(module.weight, 1.0, 0.02)
+        init.zeros_(module.bias)
+
+
+def _init_classifier(module: nn.Module) -> None:
+    """Tiny weights: every identity starts equally likely, so the first losses are near log(classes)."""
+    if isinstance(module, nn.Linear):
+        init.normal_(module.weight, std=0.001)
+        init.zeros_(module.bias)
+
+
+class ClassBlock(nn.Module):
+    """Linear -> BatchNorm1d [-> LeakyReLU] -> Dropout -> Linear(num_classes).
+
+    The first half (``embedding``) turns the pooled backbone features into a compact,
+    normalised 512-d description of a person; the second half (``classifier``) is only
+    needed to train it.
+    """
+
+    def __init__(
+        self, in_features: int, num_classes: int, droprate: float = 0.5, linear_num: int = 512, relu: bool = False
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(in_features, linear_num), nn.BatchNorm1d(linear_num)]
+        if relu:
+            layers.append(nn.LeakyReLU(0.1))
+        if droprate > 0:
+            layers.append(nn.Dropout(p=droprate))
+        self.embedding = nn.Sequential(*layers)
+        self.embedding.apply(_init_kaiming)
+        self.classifier = nn.Linear(linear_num, num_classes)
+        self.classifier.apply(_init_classifier)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embedding(x))
+
+
+def _weights_file_cached(weights: models.WeightsEnum) -> bool:
+    filename = Path(weights.url).name
+    return (Path(torch.hub.get_dir()) / "checkpoints" / filename).is_file()
+
+
+def _can_reach(url: str, timeout: float = 3.0) -> bool:
+    host = url.split("/")[2]
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_imagenet_weights(backbone: str, quiet: bool = False) -> dict | None:
+    """ImageNet weights from the torch cache, or a download where the network allows; else ``None``.
+
+    Never hangs: a download is only tried when ``$REID_OFFLINE`` is unset and the weights
+    host answers within a few seconds.
+    """
+    weights = models.get_model_weights(backbone).IMAGENET1K_V1
+    if not _weights_file_cached(weights):
+        offline = os.environ.get(OFFLINE_ENV_VAR, "") not in ("", "0")
+        if offline or not _can_reach(weights.url):
+            if not quiet:
+                print(f"{backbone}: ImageNet weights are not available offline, so it starts from random weights.")
+            return None
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as err:  # noqa: BLE001 - any network failure means: train from scratch
+        if not quiet:
+            print(f"{backbone}: could not download ImageNet weights ({err}), so it starts from random weights.")
+        return None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+class ReIDNet(nn.Module):
+    """ResNet backbone -> adaptive average pooling -> ``ClassBlock``.
+
+    ``stride=1`` removes the last down-sampling in ``layer4`` (the "last stride" trick):
+    a feature map twice as tall and wide, more detail, a little more compute.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet50",
+        droprate: float = 0.5,
+        stride: int = 2,
+        linear_num: int = 512,
+        relu: bool = False,
+        pretrained: bool = True,
+        quiet: bool = False,
+    ) -> None:
+        super().__init__()
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone '{backbone}': choose one of {', '.join(BACKBONES)}.")
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride}.")
+        resnet = models.get_model(backbone, weights=None)
+        state = load_imagenet_weights(backbone, quiet=quiet) if pretrained else None
+        if state is not None:
+            resnet.load_state_dict(state)
+        if stride == 1:
+            for module in resnet.layer4[0].modules():
+                if isinstance(module, nn.Conv2d) and module.stride == (2, 2):
+                    module.stride = (1, 1)
+        self.backbone = nn.Sequential(
+            resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
+            resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4,
+        )  # fmt: skip
+        self.pool = nn.AdaptiveAvgPool2d(1)  # any input size -> one vector per image
+        self.head = ClassBlock(resnet.fc.in_features, num_classes, droprate, linear_num, relu)
+        self.pretrained = state is not None
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features, ``batch x 2048`` for ResNet-50 (512 for ResNet-18/34)."""
+        return self.pool(self.backbone(x)).flatten(1)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The test-time description of each image: ``batch x linear_num`` (call in eval mode)."""
+        return self.head.embedding(self.features(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Training output: one score per training identity, ``batch x num_classes``."""
+        return self.head(self.features(x))
+
+
+def parameter_groups(model: nn.Module, lr: float) -> list[dict]:
+    """Two learning rates: the pre-trained backbone moves 10x slower than the new layers.
+
+    The backbone already knows useful features, so big steps would mostly destroy them;
+    the new layers start from scratch and need to move fast.
+    """
+    net = model.module if isinstance(model, nn.DataParallel) else model
+    return [
+        {"params": list(net.backbone.parameters()), "lr": 0.1 * lr, "name": "backbone"},
+        {"params": list(net.head.parameters()), "lr": lr, "name": "new layers"},
+    ]
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,178 @@
+"""Turn a Market-1501 folder into the ``ImageFolder`` layout the training code reads.
+
+``python -m reid_utils.prepare --src data/Market-1501-v15.09.15 --dst data/prepared/Market``
+builds::
+
+    train/<pid>/...      every training image but one per identity
+    val/<pid>/...        exactly one image per training identity (the first by sorted name)
+    train_all/<pid>/...  every training image (the ``--train_all`` recipe)
+    query/<pid>/...      the query images
+    gallery/<pid>/...    bounding_box_test, including the 0000 distractors and -1 junk
+    multi-query/<pid>/   gt_bbox, only when the source has it
+
+Files are hard links to the originals when source and destination share a file system
+(no extra disk for the 36k real images, and unlike symbolic links they survive moving the
+source), otherwise copies. The tree is built in a temporary folder and renamed into place at
+the end, so an interrupted run never leaves a tree that looks complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from reid_utils.data import MARKET_FOLDERS, MarketNameError, display_path, parse_market_name
+
+FORMAT_VERSION = 1
+MARKER = "PREPARED.json"
+# source folder -> prepared folder; train/val/train_all all come from bounding_box_train
+_SPLITS = {"query": "query", "bounding_box_test": "gallery", "gt_bbox": "multi-query"}
+
+
+class PrepareError(Exception):
+    """Something about the source or destination the user has to fix."""
+
+
+@dataclass(frozen=True)
+class PrepareSummary:
+    root: Path
+    counts: dict[str, int]  # images per prepared folder
+    identities: dict[str, int]  # sub-folders (pids) per prepared folder
+    reused: bool  # True when an identical tree was already there
+
+
+def _jpgs(folder: Path) -> list[Path]:
+    """The images of a Market folder, sorted; other files (Market ships Thumbs.db) are ignored."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() == ".jpg" and p.is_file())
+
+
+def _plan(src: Path) -> dict[str, list[tuple[Path, str]]]:
+    """Which source file goes to which ``<folder>/<pid>`` -- decided before anything is written."""
+    missing = [name for name in MARKET_FOLDERS if not (src / name).is_dir()]
+    if not src.is_dir():
+        raise PrepareError(f"source folder {src} does not exist. Pass --src <the unzipped Market-1501 folder>.")
+    if missing:
+        raise PrepareError(
+            f"{src} is not a Market-1501 folder: {', '.join(missing)} missing. Pass --src the folder "
+            f"that holds bounding_box_train/, bounding_box_test/ and query/."
+        )
+    plan: dict[str, list[tuple[Path, str]]] = defaultdict(list)
+    sources = {"bounding_box_train": src / "bounding_box_train"}
+    sources.update({name: src / name for name in _SPLITS if (src / name).is_dir()})
+    for source_name, folder in sources.items():
+        images = _jpgs(folder)
+        if not images:
+            raise PrepareError(f"{folder} holds no .jpg images. Is the download complete?")
+        by_pid: dict[str, list[Path]] = defaultdict(list)
+        for image in images:
+            try:
+                pid = parse_market_name(image.name).pid
+            except MarketNameError as err:
+                raise PrepareError(f"{folder}: {err}") from None
+            by_pid["-1" if pid == -1 else f"{pid:04d}"].append(image)
+        if source_name != "bounding_box_train":
+            plan[_SPLITS[source_name]] = [(img, pid) for pid, imgs in by_pid.items() for img in imgs]
+            continue
+        for pid, imgs in by_pid.items():
+            plan["val"].append((imgs[0], pid))  # first by sorted name: deterministic
+            plan["train"] += [(img, pid) for img in imgs[1:]]
+            plan["train_all"] += [(img, pid) for img in imgs]
+    return dict(plan)
+
+
+def _place(source: Path, target: Path, mode: str) -> str:
+    """Hard-link (or copy) one file; returns the mode that worked so later files skip failed tries."""
+    if mode == "hardlink":
+        try:
+            os.link(source, target)
+            return mode
+        except OSError:
+            mode = "copy"  # another file system, or links not allowed: fall back for the rest
+    if mode == "symlink":
+        target.symlink_to(source.resolve())
+        return mode
+    shutil.copy2(source, target)
+    return mode
+
+
+def _read_marker(dst: Path) -> dict | None:
+    try:
+        return json.loads((dst / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def prepare_market(
+    src: str | os.PathLike, dst: str | os.PathLike, link: str = "hardlink", quiet: bool = False
+) -> PrepareSummary:
+    """Build (or reuse) the prepared tree for ``src`` at ``dst``; see the module docstring."""
+    if link not in ("hardlink", "symlink", "copy"):
+        raise PrepareError(f"unknown link mode '{link}': use hardlink, symlink or copy.")
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    plan = _plan(src)
+    counts = {folder: len(items) for folder, items in sorted(plan.items())}
+    identities = {folder: len({pid for _, pid in items}) for folder, items in sorted(plan.items())}
+    wanted = {"version": FORMAT_VERSION, "source": str(src.resolve()), "counts": counts}
+
+    marker = _read_marker(dst)
+    if marker is not None and {k: marker.get(k) for k in wanted} == wanted:
+        if not quiet:
+            print(f"{display_path(dst)} is already prepared from {display_path(src)}: nothing to do.")
+        return PrepareSummary(dst, counts, identities, reused=True)
+    if dst.exists() and marker is None and any(dst.iterdir()):
+        raise PrepareError(
+            f"{dst} exists and is not a prepared folder. Choose an empty or new --dst, or delete it."
+        )
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        mode = link
+        for folder, items in plan.items():
+            for source, pid in items:
+                (tmp / folder / pid).mkdir(parents=True, exist_ok=True)
+                mode = _place(source, tmp / folder / pid / source.name, mode)
+        (tmp / MARKER).write_text(json.dumps({**wanted, "identities": identities, "link": mode}, indent=1))
+        if dst.exists():  # an older prepared tree (other source or version): swap it out
+            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not quiet:
+        print(f"Prepared {display_path(dst)} from {display_path(src)} ({mode}s).")
+    return PrepareSummary(dst, counts, identities, reused=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m reid_utils.prepare",
+        description="Build the ImageFolder layout (train/ val/ train_all/ query/ gallery/) from Market-1501.",
+    )
+    parser.add_argument("--src", required=True, help="the Market-1501 folder (holds bounding_box_train/ ...)")
+    parser.add_argument("--dst", required=True, help="where to write the prepared tree")
+    parser.add_argument("--link", default="hardlink", choices=["hardlink", "symlink", "copy"])
+    args = parser.parse_args(argv)
+    try:
+        summary = prepare_market(args.src, args.dst, link=args.link)
+    except PrepareError as err:
+        print(f"prepare: error: {err}", file=sys.stderr)
+        return 2
+    for folder, n in summary.counts.items():
+        print(f"  {folder:<12} {n:>6} images  {summary.identities[folder]:>5} identities")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

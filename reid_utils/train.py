@@ -1,0 +1,396 @@
+"""The classic re-ID training loop, written to be read.
+
+``python -m reid_utils.train --gpu_ids 0 --name ft_ResNet50 --train_all --batchsize 32 --data_dir <prepared>``
+
+Each epoch has a ``train`` and a ``val`` phase. Every ``save_every`` epochs (and at the end)
+the model, optimiser, scheduler and random-number state go to
+``<model_dir>/<name>/net_XXX.pth`` (and ``net_last.pth``), the options to ``opts.yaml``,
+and the loss/error curves to ``train.jpg``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from tqdm.auto import tqdm
+
+from reid_utils.data import build_dataloaders, display_path
+from reid_utils.model import BACKBONES, ReIDNet, parameter_groups
+from reid_utils.visualize import TrainingCurves
+
+
+class TrainError(Exception):
+    """A problem the user can fix (bad option, missing data, existing run...)."""
+
+
+@dataclass
+class TrainOptions:
+    """Every knob of a run; saved as ``opts.yaml`` so evaluation can rebuild the same model."""
+
+    name: str = "ft_ResNet50"
+    data_dir: str = "data/prepared/Market"
+    model_dir: str = "model"
+    gpu_ids: str = "0"
+    train_all: bool = False
+    batchsize: int = 32
+    lr: float = 0.05
+    total_epoch: int = 60
+    warm_epoch: int = 0
+    cosine: bool = False
+    erasing_p: float = 0.0
+    color_jitter: bool = False
+    backbone: str = "resnet50"
+    stride: int = 2
+    droprate: float = 0.5
+    linear_num: int = 512
+    height: int = 256
+    width: int = 128
+    pretrained: bool = True
+    save_every: int = 10
+    seed: int = 0
+    num_workers: int | None = None
+    amp: bool = True  # mixed precision, used on CUDA only
+    num_classes: int = 0  # filled in from the data
+
+    def check(self) -> None:
+        """Reject options that can only fail later, deep inside torch."""
+        if self.total_epoch < 1:
+            raise TrainError(f"--total_epoch must be at least 1, got {self.total_epoch}.")
+        if self.batchsize < 2:
+            raise TrainError(f"--batchsize must be at least 2 (BatchNorm needs 2 images), got {self.batchsize}.")
+        if self.lr <= 0:
+            raise TrainError(f"--lr must be positive, got {self.lr}.")
+        if self.save_every < 1:
+            raise TrainError(f"--save_every must be at least 1, got {self.save_every}.")
+        if self.backbone not in BACKBONES:
+            raise TrainError(f"--backbone {self.backbone} is unknown: choose one of {', '.join(BACKBONES)}.")
+        if self.stride not in (1, 2):
+            raise TrainError(f"--stride must be 1 or 2, got {self.stride}.")
+        if not 0 <= self.droprate < 1 or not 0 <= self.erasing_p <= 1:
+            raise TrainError("--droprate must be in [0, 1) and --erasing_p in [0, 1].")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise TrainError(f"--name '{self.name}' may only use letters, digits, '_', '-' and '.'.")
+
+
+# The two ways the notebooks run: a CPU demo on the embedded set, and the real baseline.
+PROFILES = {
+    "cpu-demo": {
+        "backbone": "resnet18", "height": 64, "width": 32, "batchsize": 32, "total_epoch": 20,
+        "lr": 0.05, "train_all": False, "gpu_ids": "", "save_every": 10,
+    },
+    "market-gpu": {
+        "backbone": "resnet50", "height": 256, "width": 128, "batchsize": 32, "total_epoch": 60,
+        "lr": 0.05, "train_all": True, "gpu_ids": "0", "save_every": 10,
+    },
+}  # fmt: skip
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed, same run (on CPU): Python, NumPy and torch draw the same numbers."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def select_device(gpu_ids: str, quiet: bool = False) -> tuple[torch.device, list[int]]:
+    """``"0"`` -> cuda:0; ``"0,1"`` -> DataParallel over both; ``""`` -> CPU.
+
+    Asking for a GPU on a machine without CUDA is not an error: the run falls back to the
+    CPU and says so, because the same command should work on a laptop.
+    """
+    try:
+        ids = [int(part) for part in str(gpu_ids).replace(" ", "").split(",") if part != ""]
+    except ValueError:
+        raise TrainError(f"--gpu_ids '{gpu_ids}' is not a comma-separated list of GPU numbers (e.g. 0 or 0,1).")
+    ids = [i for i in ids if i >= 0]  # the classic scripts use -1 for "no GPU"
+    if not ids:
+        return torch.device("cpu"), []
+    if not torch.cuda.is_available():
+        if not quiet:
+            print(f"No CUDA GPU found: training on the CPU instead of GPU {','.join(map(str, ids))}.")
+        return torch.device("cpu"), []
+    missing = [i for i in ids if i >= torch.cuda.device_count()]
+    if missing:
+        raise TrainError(
+            f"--gpu_ids names GPU {missing[0]}, but this machine has {torch.cuda.device_count()} "
+            f"(numbered from 0). Check nvidia-smi."
+        )
+    return torch.device(f"cuda:{ids[0]}"), ids
+
+
+def build_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum and weight decay, backbone at 0.1x the new layers' rate."""
+    return torch.optim.SGD(parameter_groups(model, lr), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+
+def lr_factor(epoch: int, total_epoch: int, cosine: bool = False) -> float:
+    """Step decay x0.1 after 2/3 of the epochs (epoch 40 of 60), or a cosine curve to zero."""
+    if cosine:
+        return 0.5 * (1 + math.cos(math.pi * epoch / total_epoch))
+    return 0.1 if epoch >= round(total_epoch * 2 / 3) else 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_epoch: int, cosine: bool = False):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(epoch, total_epoch, cosine))
+
+
+def run_dir(opts: TrainOptions) -> Path:
+    return Path(opts.model_dir) / opts.name
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_options(opts: TrainOptions) -> Path:
+    path = run_dir(opts) / "opts.yaml"
+    tmp = path.with_name(".opts.yaml.tmp")
+    tmp.write_text(yaml.safe_dump(asdict(opts), sort_keys=False))
+    os.replace(tmp, path)
+    return path
+
+
+def load_options(run: str | os.PathLike) -> TrainOptions:
+    """The options a run was trained with (from its ``opts.yaml``)."""
+    path = Path(run) / "opts.yaml"
+    if not path.is_file():
+        raise TrainError(f"{path} not found: is '{Path(run).name}' the --name of a finished or running training?")
+    saved = yaml.safe_load(path.read_text()) or {}
+    known = {f.name for f in fields(TrainOptions)}
+    return TrainOptions(**{k: v for k, v in saved.items() if k in known})
+
+
+def checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """The numbered checkpoints of a run, oldest first."""
+    return sorted(Path(folder).glob("net_[0-9][0-9][0-9].pth"))
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """``net_last.pth`` when present (the end of a run), else the highest-numbered one."""
+    folder = Path(folder)
+    if (folder / "net_last.pth").is_file():
+        return folder / "net_last.pth"
+    numbered = checkpoints(folder)
+    return numbered[-1] if numbered else None
+
+
+def _epoch_phase(model, loader, phase, device, criterion, optimizer, opts, state, scaler, use_amp, progress):
+    """One pass over ``loader``; returns (mean loss, top-1 accuracy, images used, batches skipped)."""
+    model.train(phase == "train")
+    running_loss, running_corrects, seen, skipped = 0.0, 0, 0, 0
+    for inputs, labels in loader:
+        batch = inputs.size(0)
+        # Skip the last, incomplete training batch: a tiny batch gives BatchNorm poor statistics
+        # (a batch of one even fails) and its averaged loss would count each image more.
+        if phase == "train" and batch < opts.batchsize:
+            skipped += 1
+            continue
+        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if phase == "train":
+            optimizer.zero_grad()
+        with torch.set_grad_enabled(phase == "train"), torch.autocast(device.type, enabled=use_amp):
+            outputs = model(inputs)
+            preds = outputs.argmax(dim=1)
+            loss = criterion(outputs, labels)
+        if phase == "train":
+            if state["warm_up"] < 1.0:  # warm-up: scale the loss from 0.1 up to 1 over warm_epoch epochs
+                state["warm_up"] = min(1.0, state["warm_up"] + 0.9 / state["warm_iterations"])
+                loss = loss * state["warm_up"]
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        running_loss += loss.item() * batch
+        running_corrects += (preds == labels).sum().item()
+        seen += batch
+        if progress is not None:
+            progress.update(batch)
+    if seen == 0:
+        raise TrainError(
+            f"no {phase} batch was used: --batchsize {opts.batchsize} is larger than the {phase} set "
+            f"({len(loader.dataset)} images). Use a smaller --batchsize."
+        )
+    return running_loss / seen, running_corrects / seen, seen, skipped
+
+
+def train(opts: TrainOptions, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
+    """Train (or resume) a run; returns the history of losses, errors and skipped batches.
+
+    ``overwrite`` deletes an earlier run of the same name; without it or ``resume`` an
+    existing run is an error, so checkpoints of two runs never mix.
+    """
+    folder = run_dir(opts)
+    existing = latest_checkpoint(folder) if folder.is_dir() else None
+    if resume:
+        if existing is None:
+            raise TrainError(f"--resume: no checkpoint in {folder}. Start the run without --resume.")
+        total_epoch = opts.total_epoch  # the one thing a resumed run may change: how long it goes on
+        opts = load_options(folder)
+        opts.total_epoch = total_epoch
+    opts.check()
+    if not resume and existing is not None:
+        if not overwrite:
+            raise TrainError(
+                f"{folder} already holds a run. Pass --resume to continue it, or choose another --name."
+            )
+        for old in [*checkpoints(folder), folder / "net_last.pth", folder / "train.jpg"]:
+            old.unlink(missing_ok=True)
+    device, gpu_ids = select_device(opts.gpu_ids, quiet=quiet)
+    seed_everything(opts.seed)
+    loaders, sizes, class_names = build_dataloaders(
+        opts.data_dir, opts.batchsize, opts.train_all, opts.height, opts.width,
+        opts.erasing_p, opts.color_jitter, opts.num_workers, opts.seed,
+    )  # fmt: skip
+    if opts.num_classes not in (0, len(class_names)):
+        raise TrainError(
+            f"run {opts.name} was trained on {opts.num_classes} identities, {opts.data_dir} has "
+            f"{len(class_names)}. Resume with the same --data_dir, or start a new --name."
+        )
+    opts.num_classes = len(class_names)
+    model = ReIDNet(
+        opts.num_classes, opts.backbone, opts.droprate, opts.stride, opts.linear_num,
+        pretrained=opts.pretrained and not resume, quiet=quiet,
+    ).to(device)  # fmt: skip
+    if len(gpu_ids) > 1:
+        model = nn.DataParallel(model, device_ids=gpu_ids)  # splits each batch over the GPUs
+    optimizer = build_optimizer(model, opts.lr)
+    scheduler = build_scheduler(optimizer, opts.total_epoch, opts.cosine)
+    use_amp = opts.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    criterion = nn.CrossEntropyLoss()
+    history = {"train_loss": [], "train_err": [], "val_loss": [], "val_err": [], "skipped": [], "seconds": []}
+    warm_iterations = max(1, sizes["train"] // opts.batchsize) * opts.warm_epoch
+    state = {"warm_up": 0.1 if opts.warm_epoch > 0 else 1.0, "warm_iterations": warm_iterations}
+    start_epoch = 0
+    if resume:
+        checkpoint = torch.load(existing, map_location=device, weights_only=False)
+        _unwrap(model).load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        history, state, start_epoch = checkpoint["history"], checkpoint["state"], checkpoint["epoch"]
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        loaders["train"].generator.set_state(checkpoint["rng"]["loader"])
+        if not quiet:
+            print(f"Resuming {opts.name} from {existing.name} (epoch {start_epoch} of {opts.total_epoch}).")
+    folder.mkdir(parents=True, exist_ok=True)
+    save_options(opts)
+    curves = TrainingCurves(folder / "train.jpg")
+    progress = None
+    if not quiet:
+        total = (opts.total_epoch - start_epoch) * (sizes["train"] + sizes["val"])
+        progress = tqdm(total=total, unit="img", desc=opts.name, leave=True)
+
+    for epoch in range(start_epoch, opts.total_epoch):
+        started = time.perf_counter()
+        for phase in ("train", "val"):
+            loss, acc, _, skipped = _epoch_phase(
+                model, loaders[phase], phase, device, criterion, optimizer, opts, state, scaler, use_amp, progress
+            )
+            history[f"{phase}_loss"].append(loss)
+            history[f"{phase}_err"].append(1.0 - acc)
+            if phase == "train":
+                history["skipped"].append(skipped)
+        scheduler.step()
+        history["seconds"].append(time.perf_counter() - started)
+        if progress is not None:
+            progress.set_postfix(epoch=epoch + 1, loss=f"{history['train_loss'][-1]:.3f}",
+                                 val_err=f"{history['val_err'][-1]:.3f}")  # fmt: skip
+        done = epoch + 1
+        if done % opts.save_every == 0 or done == opts.total_epoch:
+            checkpoint = {
+                "epoch": done, "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "history": history, "state": state,
+                "rng": {"torch": torch.get_rng_state(), "loader": loaders["train"].generator.get_state()},
+                "options": asdict(opts),
+            }  # fmt: skip
+            if done % opts.save_every == 0:
+                _atomic_save(checkpoint, folder / f"net_{done:03d}.pth")
+            if done == opts.total_epoch:
+                _atomic_save(checkpoint, folder / "net_last.pth")
+            curves.update(history)
+    if progress is not None:
+        progress.close()
+    history["curve_updates"] = curves.updates
+    return history
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.DataParallel) else model
+
+
+def throughput(history: dict, sizes_train: int) -> float:
+    """Training images per second over the epochs of ``history`` (train + val time)."""
+    return sizes_train * len(history["seconds"]) / max(sum(history["seconds"]), 1e-9)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainOptions()
+    p = argparse.ArgumentParser(prog="python -m reid_utils.train", description="Train the re-ID baseline.")
+    p.add_argument("--name", default=d.name, help="run name: checkpoints go to <model_dir>/<name>/")
+    p.add_argument("--data_dir", required=True, help="a prepared folder (see python -m reid_utils.prepare)")
+    p.add_argument("--model_dir", default=d.model_dir)
+    p.add_argument("--gpu_ids", default=d.gpu_ids, help="e.g. 0, or 0,1 for DataParallel; -1 or '' for CPU")
+    p.add_argument("--train_all", action="store_true", help="train on train_all/ (val images included)")
+    p.add_argument("--batchsize", type=int, default=d.batchsize)
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate of the new layers (backbone: 0.1x)")
+    p.add_argument("--total_epoch", type=int, default=None, help=f"default {d.total_epoch}; with --resume: as saved")
+    p.add_argument("--warm_epoch", type=int, default=d.warm_epoch)
+    p.add_argument("--cosine", action="store_true", help="cosine learning-rate decay instead of a step")
+    p.add_argument("--erasing_p", type=float, default=d.erasing_p)
+    p.add_argument("--color_jitter", action="store_true")
+    p.add_argument("--backbone", default=d.backbone, choices=BACKBONES)
+    p.add_argument("--stride", type=int, default=d.stride, choices=[1, 2])
+    p.add_argument("--droprate", type=float, default=d.droprate)
+    p.add_argument("--height", type=int, default=d.height)
+    p.add_argument("--width", type=int, default=d.width)
+    p.add_argument("--no_pretrained", action="store_true", help="start from random weights")
+    p.add_argument("--save_every", type=int, default=d.save_every, help="checkpoint + curves every N epochs")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--num_workers", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue <model_dir>/<name> from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete an earlier run of the same name first")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    given = {f.name: getattr(args, f.name) for f in fields(TrainOptions) if getattr(args, f.name, None) is not None}
+    opts = TrainOptions(**given, pretrained=not args.no_pretrained)
+    if args.total_epoch is None and args.resume and (run_dir(opts) / "opts.yaml").is_file():
+        opts.total_epoch = load_options(run_dir(opts)).total_epoch
+    if not Path(opts.data_dir).is_dir():
+        print(f"train: error: --data_dir {opts.data_dir} does not exist.", file=sys.stderr)
+        return 2
+    try:
+        history = train(opts, resume=args.resume, overwrite=args.overwrite)
+    except (TrainError, FileNotFoundError, ValueError) as err:
+        print(f"train: error: {err}", file=sys.stderr)
+        return 2
+    folder = run_dir(opts)
+    if history["train_loss"]:
+        print(
+            f"Done: {len(history['train_loss'])} epochs, train loss {history['train_loss'][-1]:.3f}, "
+            f"val error {history['val_err'][-1]:.3f}. Checkpoints and train.jpg in {display_path(folder)}/"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""Pictures: image grids for the data notebook and the live training curves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+from PIL import Image
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel, where figures can be displayed and updated in place."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and shell.__class__.__name__ == "ZMQInteractiveShell"
+
+
+class TrainingCurves:
+    """One figure, two panels (loss; top-1 error), train and val lines, redrawn in place.
+
+    In a notebook the figure is shown once with a display handle and later redraws replace
+    it (no new figure per epoch, no ``clear_output``); it is also saved to ``path`` when given.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, live: bool | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.live = in_notebook() if live is None else live
+        self.handle = None
+        self.updates = 0
+
+    def draw(self, history: dict[str, list[float]]) -> plt.Figure:
+        """Draw the history (keys ``train_loss``, ``val_loss``, ``train_err``, ``val_err``) as a new figure."""
+        fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(9, 3.2))
+        epochs = range(1, len(history["train_loss"]) + 1)
+        for phase, style in (("train", "o-"), ("val", "s-")):
+            ax_loss.plot(epochs, history[f"{phase}_loss"], style, ms=3, label=phase)
+            ax_err.plot(epochs, history[f"{phase}_err"], style, ms=3, label=phase)
+        ax_loss.set(title="loss", xlabel="epoch")
+        ax_err.set(title="top-1 error", xlabel="epoch", ylim=(0, 1))
+        for ax in (ax_loss, ax_err):
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        return fig
+
+    def update(self, history: dict[str, list[float]]) -> None:
+        fig = self.draw(history)
+        if self.path is not None:
+            tmp = self.path.with_name(self.path.stem + ".tmp" + self.path.suffix)
+            fig.savefig(tmp, dpi=80)
+            os.replace(tmp, self.path)  # a reader never sees a half-written picture
+        if self.live:
+            from IPython.display import display
+
+            if self.handle is None:
+                self.handle = display(fig, display_id=True)
+            else:
+                self.handle.update(fig)
+        plt.close(fig)
+        self.updates += 1
+
+
+def image_grid(
+    rows: list[list[str | os.PathLike]],
+    row_titles: list[str] | None = None,
+    col_titles: list[list[str]] | None = None,
+    cell_size: tuple[float, float] = (1.1, 2.1),
+) -> plt.Figure:
+    """A grid of image files, one row per list (rows may differ in length)."""
+    n_cols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(
+        len(rows), n_cols, figsize=(cell_size[0] * n_cols, cell_size[1] * len(rows)), squeeze=False
+    )
+    for i, row in enumerate(rows):
+        for j in range(n_cols):
+            ax = axes[i][j]
+            ax.axis("off")
+            if j < len(row):
+                ax.imshow(Image.open(row[j]).convert("RGB"))
+                if col_titles is not None:
+                    ax.set_title(col_titles[i][j], fontsize=7)
+        if row_titles is not None:
+            axes[i][0].text(-0.15, 0.5, row_titles[i], transform=axes[i][0].transAxes, ha="right",
+                            va="center", fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    return fig

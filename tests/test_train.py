@@ -1,0 +1,134 @@
+import pytest
+import torch
+import yaml
+
+import reid_utils.train as train_module
+from reid_utils.train import (
+    TrainError,
+    TrainOptions,
+    latest_checkpoint,
+    lr_factor,
+    main,
+    select_device,
+    train,
+)
+
+
+def tiny_options(data_dir, model_dir, **changes) -> TrainOptions:
+    base = dict(
+        name="tiny", data_dir=str(data_dir), model_dir=str(model_dir), gpu_ids="", backbone="resnet18",
+        height=32, width=16, batchsize=8, total_epoch=4, save_every=2, pretrained=False, lr=0.002,
+    )  # fmt: skip
+    base.update(changes)
+    return TrainOptions(**base)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_prepared, tmp_path_factory):
+    """One uninterrupted 4-epoch run, shared by several tests."""
+    model_dir = tmp_path_factory.mktemp("model")
+    opts = tiny_options(tiny_prepared, model_dir)
+    history = train(opts, quiet=True)
+    return opts, history, model_dir / "tiny"
+
+
+def test_loss_falls_and_the_short_last_batch_is_skipped(finished_run, tiny_prepared):
+    opts, history, _ = finished_run
+    n_train = sum(1 for _ in (tiny_prepared / "train").rglob("*.jpg"))
+    assert n_train % opts.batchsize != 0  # the case the skip is for
+    assert history["skipped"] == [1] * opts.total_epoch
+    assert history["train_loss"][-1] < history["train_loss"][0]
+    assert len(history["val_err"]) == opts.total_epoch
+
+
+def test_checkpoints_at_the_right_epochs(finished_run):
+    opts, history, folder = finished_run
+    assert sorted(p.name for p in folder.glob("*.pth")) == ["net_002.pth", "net_004.pth", "net_last.pth"]
+    assert torch.load(folder / "net_002.pth", weights_only=False)["epoch"] == 2
+    last = torch.load(folder / "net_last.pth", weights_only=False)
+    assert last["epoch"] == 4 and set(last) >= {"model", "optimizer", "scheduler", "history"}
+    saved = yaml.safe_load((folder / "opts.yaml").read_text())
+    assert saved["backbone"] == "resnet18" and saved["num_classes"] == 8
+    assert (folder / "train.jpg").stat().st_size > 1000
+    assert history["curve_updates"] == 2  # redrawn at epochs 2 and 4
+
+
+def test_short_run_still_gets_net_last(tiny_prepared, tmp_path):
+    train(tiny_options(tiny_prepared, tmp_path, total_epoch=1, save_every=10), quiet=True)
+    assert [p.name for p in (tmp_path / "tiny").glob("*.pth")] == ["net_last.pth"]
+
+
+def test_resume_after_interruption_reaches_the_same_weights(finished_run, tiny_prepared, tmp_path, monkeypatch):
+    _, _, reference = finished_run
+    real_save = train_module._atomic_save
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        if path.name == "net_002.pth":
+            raise KeyboardInterrupt  # the stop button, right after the first checkpoint
+
+    monkeypatch.setattr(train_module, "_atomic_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_options(tiny_prepared, tmp_path), quiet=True)
+    monkeypatch.setattr(train_module, "_atomic_save", real_save)
+    assert latest_checkpoint(tmp_path / "tiny").name == "net_002.pth"
+    assert not list((tmp_path / "tiny").glob(".*tmp*"))  # nothing half-written
+
+    history = train(tiny_options(tiny_prepared, tmp_path), resume=True, quiet=True)
+    assert len(history["train_loss"]) == 4
+    resumed = torch.load(tmp_path / "tiny" / "net_last.pth", weights_only=False)["model"]
+    expected = torch.load(reference / "net_last.pth", weights_only=False)["model"]
+    for key, value in expected.items():
+        assert torch.allclose(resumed[key].float(), value.float(), atol=1e-6), key
+
+
+def test_existing_run_needs_resume_or_overwrite(finished_run, tiny_prepared):
+    opts, _, folder = finished_run
+    with pytest.raises(TrainError, match="--resume"):
+        train(tiny_options(tiny_prepared, folder.parent), quiet=True)
+
+
+def test_batch_larger_than_the_data(tiny_prepared, tmp_path):
+    with pytest.raises(TrainError, match="smaller --batchsize"):
+        train(tiny_options(tiny_prepared, tmp_path, batchsize=512), quiet=True)
+
+
+def test_device_selection_falls_back_to_cpu(capsys):
+    device, ids = select_device("", quiet=True)
+    assert device.type == "cpu" and ids == []
+    if not torch.cuda.is_available():
+        device, ids = select_device("0")
+        assert device.type == "cpu" and "CPU" in capsys.readouterr().out
+    with pytest.raises(TrainError, match="gpu_ids"):
+        select_device("zero")
+
+
+def test_step_decay_at_two_thirds():
+    assert [lr_factor(e, 60) for e in (0, 39, 40, 59)] == [1.0, 1.0, 0.1, 0.1]
+    assert lr_factor(0, 10, cosine=True) == 1.0 and lr_factor(5, 10, cosine=True) == pytest.approx(0.5)
+
+
+def test_cli_end_to_end(tiny_prepared, tmp_path, capsys):
+    args = ["--data_dir", str(tiny_prepared), "--model_dir", str(tmp_path), "--name", "cli", "--gpu_ids", "0",
+            "--backbone", "resnet18", "--height", "32", "--width", "16", "--batchsize", "8",
+            "--save_every", "1", "--no_pretrained", "--train_all"]  # fmt: skip
+    assert main([*args, "--total_epoch", "2"]) == 0
+    assert "Done: 2 epochs" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "cli").glob("*.pth")) == ["net_001.pth", "net_002.pth", "net_last.pth"]
+    assert main([*args, "--total_epoch", "3", "--resume"]) == 0  # continue the same run to epoch 3
+    assert torch.load(tmp_path / "cli" / "net_last.pth", weights_only=False)["epoch"] == 3
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--total_epoch", "0"], "--total_epoch"), (["--resume"], "no checkpoint"), (["--gpu_ids", "x"], "gpu_ids")],
+)
+def test_cli_user_errors_exit_2(tiny_prepared, tmp_path, capsys, extra, message):
+    code = main(["--data_dir", str(tiny_prepared), "--model_dir", str(tmp_path), "--no_pretrained", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_cli_missing_data_dir(tmp_path, capsys):
+    assert main(["--data_dir", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
