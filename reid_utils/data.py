@@ -21,6 +21,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 MARKET_FOLDERS = ("bounding_box_train", "bounding_box_test", "query")
 MARKET_ENV_VAR = "MARKET1501_DIR"
+FORCE_ENV_VAR = "REID_DATASET"  # "synthetic" skips the search
 MARKET_FOLDER_NAMES = ("Market-1501-v15.09.15", "Market-1501")
 SYNTHETIC_FOLDER_NAME = "synthetic-market"
 
@@ -101,6 +102,7 @@ def find_dataset(
 ) -> DatasetLocation:
     """Find Market-1501: the argument, then ``$MARKET1501_DIR``, then ``data/``; else the synthetic set.
 
+    ``REID_DATASET=synthetic`` (set by the tests) skips the search and uses the synthetic set.
     An explicit ``data_dir`` that is not a Market folder is an error (the user asked for it),
     while a missing dataset in the default places falls back to the embedded synthetic set,
     generated on first use, with a one-line notice.
@@ -114,6 +116,9 @@ def find_dataset(
             )
         return _announce(DatasetLocation(path, synthetic=False), quiet)
     from_env = os.environ.get(MARKET_ENV_VAR)
+    root = Path(data_root) if data_root is not None else default_data_root()
+    if os.environ.get(FORCE_ENV_VAR) == "synthetic":  # the tests: same data on every machine
+        return _announce(DatasetLocation(ensure_synthetic(root / SYNTHETIC_FOLDER_NAME), synthetic=True), quiet)
     if from_env:
         path = Path(from_env).expanduser()
         if not is_market_folder(path):
@@ -122,7 +127,6 @@ def find_dataset(
                 f"{', '.join(MARKET_FOLDERS)}. Fix the variable or unset it."
             )
         return _announce(DatasetLocation(path, synthetic=False), quiet)
-    root = Path(data_root) if data_root is not None else default_data_root()
     for name in MARKET_FOLDER_NAMES:
         if is_market_folder(root / name):
             return _announce(DatasetLocation(root / name, synthetic=False), quiet)

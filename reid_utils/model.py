@@ -45,7 +45,12 @@ class ClassBlock(nn.Module):
     """
 
     def __init__(
-        self, in_features: int, num_classes: int, droprate: float = 0.5, linear_num: int = 512, relu: bool = False
+        self,
+        in_features: int,
+        num_classes: int,
+        droprate: float = 0.5,
+        linear_num: int = 512,
+        relu: bool = False,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Linear(in_features, linear_num), nn.BatchNorm1d(linear_num)]
@@ -168,3 +173,23 @@ def parameter_groups(model: nn.Module, lr: float) -> list[dict]:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def layer_shapes(model: ReIDNet, images: torch.Tensor) -> list[tuple[str, tuple[int, ...], int]]:
+    """(layer name, output shape, parameters) for one batch through the network, in order."""
+    rows = []
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    x = images
+    with torch.no_grad():
+        for name, layer in zip(names, model.backbone, strict=True):
+            x = layer(x)
+            rows.append((f"backbone.{name}", tuple(x.shape), count_parameters(layer)))
+        x = model.pool(x)
+        rows.append(("pool", tuple(x.shape), 0))
+        x = x.flatten(1)
+        rows.append(("flatten", tuple(x.shape), 0))
+        x = model.head.embedding(x)
+        rows.append(("head.embedding", tuple(x.shape), count_parameters(model.head.embedding)))
+        x = model.head.classifier(x)
+        rows.append(("head.classifier", tuple(x.shape), count_parameters(model.head.classifier)))
+    return rows

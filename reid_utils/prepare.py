@@ -126,9 +126,7 @@ def prepare_market(
             print(f"{display_path(dst)} is already prepared from {display_path(src)}: nothing to do.")
         return PrepareSummary(dst, counts, identities, reused=True)
     if dst.exists() and marker is None and any(dst.iterdir()):
-        raise PrepareError(
-            f"{dst} exists and is not a prepared folder. Choose an empty or new --dst, or delete it."
-        )
+        raise PrepareError(f"{dst} exists and is not a prepared folder. Choose an empty or new --dst, or delete it.")
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"

@@ -87,14 +87,26 @@ class TrainOptions:
 # The two ways the notebooks run: a CPU demo on the embedded set, and the real baseline.
 PROFILES = {
     "cpu-demo": {
-        "backbone": "resnet18", "height": 64, "width": 32, "batchsize": 32, "total_epoch": 20,
+        "name": "cpu_demo", "backbone": "resnet18", "height": 64, "width": 32, "batchsize": 32, "total_epoch": 20,
         "lr": 0.05, "train_all": False, "gpu_ids": "", "save_every": 10,
     },
     "market-gpu": {
-        "backbone": "resnet50", "height": 256, "width": 128, "batchsize": 32, "total_epoch": 60,
+        "name": "ft_ResNet50", "backbone": "resnet50", "height": 256, "width": 128, "batchsize": 32, "total_epoch": 60,
         "lr": 0.05, "train_all": True, "gpu_ids": "0", "save_every": 10,
     },
 }  # fmt: skip
+
+
+def pick_profile(profile: str | None = None) -> str:
+    """The profile asked for, else ``market-gpu`` when a GPU and Market-1501 are both here, else ``cpu-demo``."""
+    if profile is not None:
+        if profile not in PROFILES:
+            raise TrainError(f"unknown profile '{profile}': choose one of {', '.join(PROFILES)}.")
+        return profile
+    from reid_utils.data import find_dataset
+
+    real_data = not find_dataset(quiet=True).synthetic
+    return "market-gpu" if torch.cuda.is_available() and real_data else "cpu-demo"
 
 
 def seed_everything(seed: int) -> None:
@@ -113,7 +125,9 @@ def select_device(gpu_ids: str, quiet: bool = False) -> tuple[torch.device, list
     try:
         ids = [int(part) for part in str(gpu_ids).replace(" ", "").split(",") if part != ""]
     except ValueError:
-        raise TrainError(f"--gpu_ids '{gpu_ids}' is not a comma-separated list of GPU numbers (e.g. 0 or 0,1).")
+        raise TrainError(
+            f"--gpu_ids '{gpu_ids}' is not a comma-separated list of GPU numbers (e.g. 0 or 0,1)."
+        ) from None
     ids = [i for i in ids if i >= 0]  # the classic scripts use -1 for "no GPU"
     if not ids:
         return torch.device("cpu"), []
@@ -192,7 +206,7 @@ def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     return numbered[-1] if numbered else None
 
 
-def _epoch_phase(model, loader, phase, device, criterion, optimizer, opts, state, scaler, use_amp, progress):
+def run_epoch_phase(model, loader, phase, device, criterion, optimizer, opts, state, scaler, use_amp, progress):
     """One pass over ``loader``; returns (mean loss, top-1 accuracy, images used, batches skipped)."""
     model.train(phase == "train")
     running_loss, running_corrects, seen, skipped = 0.0, 0, 0, 0
@@ -247,9 +261,7 @@ def train(opts: TrainOptions, resume: bool = False, overwrite: bool = False, qui
     opts.check()
     if not resume and existing is not None:
         if not overwrite:
-            raise TrainError(
-                f"{folder} already holds a run. Pass --resume to continue it, or choose another --name."
-            )
+            raise TrainError(f"{folder} already holds a run. Pass --resume to continue it, or choose another --name.")
         for old in [*checkpoints(folder), folder / "net_last.pth", folder / "train.jpg"]:
             old.unlink(missing_ok=True)
     device, gpu_ids = select_device(opts.gpu_ids, quiet=quiet)
@@ -300,8 +312,18 @@ def train(opts: TrainOptions, resume: bool = False, overwrite: bool = False, qui
     for epoch in range(start_epoch, opts.total_epoch):
         started = time.perf_counter()
         for phase in ("train", "val"):
-            loss, acc, _, skipped = _epoch_phase(
-                model, loaders[phase], phase, device, criterion, optimizer, opts, state, scaler, use_amp, progress
+            loss, acc, _, skipped = run_epoch_phase(
+                model,
+                loaders[phase],
+                phase,
+                device,
+                criterion,
+                optimizer,
+                opts,
+                state,
+                scaler,
+                use_amp,
+                progress,
             )
             history[f"{phase}_loss"].append(loss)
             history[f"{phase}_err"].append(1.0 - acc)

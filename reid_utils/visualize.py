@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 
@@ -39,9 +40,10 @@ class TrainingCurves:
         for phase, style in (("train", "o-"), ("val", "s-")):
             ax_loss.plot(epochs, history[f"{phase}_loss"], style, ms=3, label=phase)
             ax_err.plot(epochs, history[f"{phase}_err"], style, ms=3, label=phase)
-        ax_loss.set(title="loss", xlabel="epoch")
+        ax_loss.set(title="loss (log scale)", xlabel="epoch", yscale="log")
         ax_err.set(title="top-1 error", xlabel="epoch", ylim=(0, 1))
         for ax in (ax_loss, ax_err):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             ax.legend()
         fig.tight_layout()

@@ -5,7 +5,6 @@ import os
 import pytest
 
 os.environ["REID_OFFLINE"] = "1"  # never download ImageNet weights during tests
-os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +20,7 @@ def tiny_prepared(tiny_market, tmp_path_factory):
     from reid_utils.prepare import prepare_market
 
     return prepare_market(tiny_market, tmp_path_factory.mktemp("prepared") / "tiny", quiet=True).root
+
+
+os.environ["REID_DATASET"] = "synthetic"  # notebooks use the embedded set even where Market-1501 is installed
+os.environ.pop("MARKET1501_DIR", None)

@@ -25,7 +25,8 @@ def test_parse_accepts_paths_and_special_pids():
 
 
 @pytest.mark.parametrize(
-    "bad", ["Thumbs.db", "0002_c1s1_000451_03.png", "2_c1s1_000451_03.jpg", "0002_c1_000451_03.jpg", "0002c1s1.jpg"]
+    "bad",
+    ["Thumbs.db", "0002_c1s1_000451_03.png", "2_c1s1_000451_03.jpg", "0002_c1_000451_03.jpg", "0002c1s1.jpg"],
 )
 def test_parse_rejects_and_names_the_file(bad):
     with pytest.raises(MarketNameError, match=bad.replace(".", r"\.")):

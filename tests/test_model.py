@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from reid_utils.model import ClassBlock, ReIDNet, count_parameters, parameter_groups
+from reid_utils.model import ClassBlock, ReIDNet, count_parameters, layer_shapes, parameter_groups
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +70,11 @@ def test_offline_means_random_init_with_one_line(monkeypatch, tmp_path, capsys):
 def test_unknown_backbone():
     with pytest.raises(ValueError, match="resnet50"):
         ReIDNet(3, backbone="vgg16", pretrained=False)
+
+
+def test_layer_shapes_follow_the_forward_pass(net):
+    x = torch.randn(2, 3, 64, 32)
+    rows = layer_shapes(net, x)
+    assert rows[0] == ("backbone.conv1", (2, 64, 32, 16), 64 * 3 * 7 * 7)
+    assert rows[-1][1] == tuple(net(x).shape)
+    assert sum(params for _, _, params in rows) == count_parameters(net)

@@ -14,7 +14,14 @@ def tree(root):
 
 def test_layout_and_counts(tiny_market, tiny_prepared):
     train_src = sorted((tiny_market / "bounding_box_train").glob("*.jpg"))
-    assert {p.name for p in tiny_prepared.iterdir()} == {"train", "val", "train_all", "query", "gallery", MARKER}
+    assert {p.name for p in tiny_prepared.iterdir()} == {
+        "train",
+        "val",
+        "train_all",
+        "query",
+        "gallery",
+        MARKER,
+    }
     assert len(list((tiny_prepared / "train_all").rglob("*.jpg"))) == len(train_src)
     per_pid = Counter(f"{parse_market_name(p).pid:04d}" for p in train_src)
     # val: exactly one image per identity; train: the rest

@@ -114,14 +114,22 @@ def test_cli_end_to_end(tiny_prepared, tmp_path, capsys):
             "--save_every", "1", "--no_pretrained", "--train_all"]  # fmt: skip
     assert main([*args, "--total_epoch", "2"]) == 0
     assert "Done: 2 epochs" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "cli").glob("*.pth")) == ["net_001.pth", "net_002.pth", "net_last.pth"]
+    assert sorted(p.name for p in (tmp_path / "cli").glob("*.pth")) == [
+        "net_001.pth",
+        "net_002.pth",
+        "net_last.pth",
+    ]
     assert main([*args, "--total_epoch", "3", "--resume"]) == 0  # continue the same run to epoch 3
     assert torch.load(tmp_path / "cli" / "net_last.pth", weights_only=False)["epoch"] == 3
 
 
 @pytest.mark.parametrize(
     "extra, message",
-    [(["--total_epoch", "0"], "--total_epoch"), (["--resume"], "no checkpoint"), (["--gpu_ids", "x"], "gpu_ids")],
+    [
+        (["--total_epoch", "0"], "--total_epoch"),
+        (["--resume"], "no checkpoint"),
+        (["--gpu_ids", "x"], "gpu_ids"),
+    ],
 )
 def test_cli_user_errors_exit_2(tiny_prepared, tmp_path, capsys, extra, message):
     code = main(["--data_dir", str(tiny_prepared), "--model_dir", str(tmp_path), "--no_pretrained", *extra])
