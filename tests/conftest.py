@@ -1,10 +1,12 @@
 """Shared fixtures; also switches weight downloads off for everything the tests start (kernels included)."""
 
 import os
+import tempfile
 
 import pytest
 
 os.environ["REID_OFFLINE"] = "1"  # never download ImageNet weights during tests
+os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="reid-torch-home-")  # and ignore any cached ones
 
 
 @pytest.fixture(scope="session")

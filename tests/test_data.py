@@ -35,6 +35,7 @@ def test_parse_rejects_and_names_the_file(bad):
 
 def test_find_dataset_prefers_argument_then_env(tiny_market, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MARKET1501_DIR", raising=False)
+    monkeypatch.delenv("REID_DATASET", raising=False)
     assert find_dataset(tiny_market).path == tiny_market
     assert "Using Market-1501" in capsys.readouterr().out
     monkeypatch.setenv("MARKET1501_DIR", str(tiny_market))
@@ -42,8 +43,17 @@ def test_find_dataset_prefers_argument_then_env(tiny_market, tmp_path, monkeypat
     assert location.path == tiny_market and not location.synthetic
 
 
+def test_forcing_the_synthetic_set(tiny_market, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MARKET1501_DIR", str(tiny_market))
+    monkeypatch.setenv("REID_DATASET", "synthetic")
+    location = find_dataset(data_root=tmp_path)
+    assert location.synthetic and (location.path / "SYNTHETIC.json").is_file()
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1  # one line says so
+
+
 def test_find_dataset_rejects_a_wrong_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("MARKET1501_DIR", raising=False)
+    monkeypatch.delenv("REID_DATASET", raising=False)
     with pytest.raises(FileNotFoundError, match="not a Market-1501 folder"):
         find_dataset(tmp_path)
     monkeypatch.setenv("MARKET1501_DIR", str(tmp_path / "nowhere"))
@@ -53,6 +63,7 @@ def test_find_dataset_rejects_a_wrong_folder(tmp_path, monkeypatch):
 
 def test_find_dataset_finds_market_in_data_root(tiny_market, tmp_path, monkeypatch):
     monkeypatch.delenv("MARKET1501_DIR", raising=False)
+    monkeypatch.delenv("REID_DATASET", raising=False)
     os.symlink(tiny_market, tmp_path / "Market-1501-v15.09.15")
     location = find_dataset(data_root=tmp_path, quiet=True)
     assert location.path == tmp_path / "Market-1501-v15.09.15" and not location.synthetic
