@@ -90,3 +90,47 @@ def image_grid(
                             va="center", fontsize=9)  # fmt: skip
     fig.tight_layout()
     return fig
+
+
+def ranked_list(
+    query_path: str | os.PathLike,
+    gallery_paths: list[str | os.PathLike],
+    is_match: list[bool],
+    title: str = "",
+    scores: list[float] | None = None,
+) -> plt.Figure:
+    """The query, then the top gallery images in rank order, framed green (same person) or red.
+
+    Pass the gallery *after* junk removal (see ``metrics.rank_gallery``), so the frames show
+    exactly what CMC and AP count.
+    """
+    k = len(gallery_paths)
+    fig, axes = plt.subplots(1, k + 1, figsize=(1.05 * (k + 1), 2.4))
+    images = [query_path, *gallery_paths]
+    for i, (ax, path) in enumerate(zip(axes, images, strict=True)):
+        ax.imshow(Image.open(path).convert("RGB"))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i == 0:
+            ax.set_title("query", fontsize=8)
+            colour, width = "black", 2
+        else:
+            colour, width = ("tab:green", 4) if is_match[i - 1] else ("tab:red", 4)
+            label = f"{i}" if scores is None else f"{i}: {scores[i - 1]:.2f}"
+            ax.set_title(label, fontsize=8)
+        for spine in ax.spines.values():
+            spine.set_edgecolor(colour)
+            spine.set_linewidth(width)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def ap_histogram(ap_values, bins: int = 20, title: str = "AP per query") -> plt.Figure:
+    """How the average precision spreads over queries: a mean hides a few very bad queries."""
+    fig, ax = plt.subplots(figsize=(5, 2.8))
+    ax.hist(ap_values, bins=bins, range=(0, 1), color="tab:blue", edgecolor="white")
+    ax.set(xlabel="average precision", ylabel="queries", title=title)
+    fig.tight_layout()
+    return fig

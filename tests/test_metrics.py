@@ -1,0 +1,266 @@
+"""Tests for reid_utils.metrics: hand-worked cases for both AP conventions, the fast path against the
+per-query reference, input handling.
+
+In the hand-worked cases the query feature is the 1-d vector [1.0], so each gallery item's score is
+simply its own 1-d feature value, and the rankings can be read off the tables below.
+"""
+
+import dataclasses
+import re
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from reid_utils.metrics import Evaluation, evaluate, evaluate_from_distance, evaluate_naive, rank_gallery
+
+BOTH = pytest.mark.parametrize("fn", [evaluate, evaluate_naive], ids=["evaluate", "naive"])
+
+
+def run(fn, gallery, query_pid=1, query_cam=1, **kwargs) -> Evaluation:
+    """Evaluate one query (feature [1.0]) against a gallery given as (pid, cam, score) rows."""
+    pids, cams, scores = (np.array(column) for column in zip(*gallery, strict=True))
+    return fn(np.ones((1, 1)), [query_pid], [query_cam], scores[:, None], pids, cams, **kwargs)
+
+
+# Query: pid 1, camera 1.
+# idx  pid  cam  score
+#  0    1    1   0.9   same pid AND same camera -> junk, removed (although it is ranked first)
+#  1    0    2   0.8   distractor -> stays, a wrong answer
+#  2   -1    3   0.7   junk box -> removed
+#  3    1    2   0.6   true match
+#  4    2    3   0.5   wrong
+#  5    1    3   0.4   true match
+#  6    3    1   0.3   wrong
+# Ranking after junk removal: [1, 3, 4, 5, 6]; hits (i = 1, 2) at 0-based ranks r = 1, 3; n_good = 2.
+# First hit at rank 1: rank-1 = 0, rank-2 onwards = 1.
+# step:   (1/2 + 2/4) / 2 = 1/2
+# market: hit 1: before 0/1, at 1/2 -> 1/4;  hit 2: before 1/3, at 2/4 -> 5/12;  (1/4 + 5/12) / 2 = 1/3
+CASE_JUNK = [(1, 1, 0.9), (0, 2, 0.8), (-1, 3, 0.7), (1, 2, 0.6), (2, 3, 0.5), (1, 3, 0.4), (3, 1, 0.3)]
+
+# Query: pid 1, camera 1. Hits at r = 0 and r = 2 (the camera-1 copy of pid 1 at idx 3 is junk).
+# idx  pid  cam  score
+#  0    1    2   0.9   true match, r = 0
+#  1    5    2   0.8   wrong,      r = 1
+#  2    1    3   0.7   true match, r = 2
+#  3    1    1   0.6   junk
+#  4    6    4   0.5   wrong,      r = 3
+# step:   (1/1 + 2/3) / 2 = 5/6
+# market: hit 1: before 1 (r = 0), at 1/1 -> 1;  hit 2: before 1/2, at 2/3 -> 7/12;  (1 + 7/12) / 2 = 19/24
+CASE_TOP = [(1, 2, 0.9), (5, 2, 0.8), (1, 3, 0.7), (1, 1, 0.6), (6, 4, 0.5)]
+
+
+@BOTH
+@pytest.mark.parametrize(("ap", "expected"), [("market", Fraction(1, 3)), ("step", Fraction(1, 2))])
+def test_junk_and_distractor_hand_computed(fn, ap, expected):
+    result = run(fn, CASE_JUNK, ap=ap)
+    assert result.mAP == pytest.approx(float(expected), abs=1e-12)
+    np.testing.assert_allclose(result.ap, [float(expected)])
+    np.testing.assert_array_equal(result.cmc, [0, 1, 1, 1, 1, 1, 1])  # length = gallery size (7 < 50)
+    assert result.rank(1) == 0.0 and result.rank(2) == 1.0
+    assert (result.num_queries_evaluated, result.num_queries_skipped) == (1, 0)
+
+
+@BOTH
+@pytest.mark.parametrize(("ap", "expected"), [("market", Fraction(19, 24)), ("step", Fraction(5, 6))])
+def test_first_hit_on_top_hand_computed(fn, ap, expected):
+    result = run(fn, CASE_TOP, ap=ap)
+    assert result.mAP == pytest.approx(float(expected), abs=1e-12)
+    np.testing.assert_array_equal(result.cmc, [1, 1, 1, 1, 1])
+
+
+@BOTH
+def test_distractor_above_the_match_counts_as_wrong(fn):
+    # A pid-0 distractor scored 0.9 beats the only match (0.8): first hit at rank 1, AP step = 1/2.
+    result = run(fn, [(0, 2, 0.9), (1, 2, 0.8)], ap="step")
+    np.testing.assert_array_equal(result.cmc, [0, 1])
+    assert result.mAP == pytest.approx(0.5)
+
+
+@BOTH
+def test_minus_one_pid_is_removed_not_wrong(fn):
+    # The same gallery with the 0.9 item as pid -1: it is junk, so the match is first. AP = 1.
+    result = run(fn, [(-1, 2, 0.9), (1, 2, 0.8)], ap="step")
+    np.testing.assert_array_equal(result.cmc, [1, 1])
+    assert result.mAP == 1.0
+
+
+@BOTH
+@pytest.mark.parametrize("ap", ["market", "step"])
+def test_ties_keep_gallery_order(fn, ap):
+    # Equal scores are ranked by gallery index (stable sort).
+    wrong_first = run(fn, [(2, 2, 0.5), (1, 2, 0.5), (3, 2, 0.1)], ap=ap)
+    np.testing.assert_array_equal(wrong_first.cmc, [0, 1, 1])
+    # one hit at r = 1: step 1/2; market (0/1 + 1/2) / 2 = 1/4
+    assert wrong_first.mAP == pytest.approx(0.5 if ap == "step" else 0.25)
+
+    match_first = run(fn, [(1, 2, 0.5), (2, 2, 0.5), (3, 2, 0.1)], ap=ap)
+    np.testing.assert_array_equal(match_first.cmc, [1, 1, 1])
+    assert match_first.mAP == 1.0
+
+    # A tie with a junk item changes nothing: junk is removed before ranking.
+    with_junk = run(fn, [(1, 1, 0.5), (1, 2, 0.5), (3, 2, 0.1)], ap=ap)
+    assert with_junk.rank(1) == 1.0 and with_junk.mAP == 1.0
+
+
+# Three queries, all with feature [1.0], on one gallery (so one score order for all):
+# idx  pid  cam  score
+#  0    1    2   0.9
+#  1    2    1   0.8
+#  2    3    1   0.7
+#  3    1    3   0.6
+#  4    2    2   0.5
+# A: pid 1, cam 1 -> nothing junk; hits at r = 0, 3.
+#    step (1 + 2/4) / 2 = 3/4;  market ((1 + 1)/2 + (1/3 + 2/4)/2) / 2 = (1 + 5/12) / 2 = 17/24
+# B: pid 3, cam 1 -> its only gallery image (idx 2) is in its own camera: junk, no match left, skipped.
+# C: pid 2, cam 2 -> idx 4 is junk; ranking [0, 1, 2, 3], hit at r = 1.
+#    step 1/2;  market (0/1 + 1/2) / 2 = 1/4
+# CMC over A and C: first hits at 0 and 1 -> [1/2, 1, 1, 1, 1].
+SHARED_GALLERY = [(1, 2, 0.9), (2, 1, 0.8), (3, 1, 0.7), (1, 3, 0.6), (2, 2, 0.5)]
+
+
+@BOTH
+@pytest.mark.parametrize(
+    ("ap", "expected"),
+    [("market", [Fraction(17, 24), Fraction(1, 4)]), ("step", [Fraction(3, 4), Fraction(1, 2)])],
+)
+def test_query_without_match_is_skipped_and_counted(fn, ap, expected):
+    pids, cams, scores = (np.array(column) for column in zip(*SHARED_GALLERY, strict=True))
+    result = fn(np.ones((3, 1)), [1, 3, 2], [1, 1, 2], scores[:, None], pids, cams, ap=ap)
+
+    assert (result.num_queries_evaluated, result.num_queries_skipped) == (2, 1)
+    np.testing.assert_array_equal(result.evaluated_mask, [True, False, True])
+    np.testing.assert_allclose(result.ap, [float(x) for x in expected], rtol=0, atol=1e-12)
+    assert result.mAP == pytest.approx(float(sum(expected) / 2), abs=1e-12)  # 23/48 or 5/8: B is not a zero
+    np.testing.assert_allclose(result.cmc, [0.5, 1, 1, 1, 1])
+    assert "1 queries skipped" in str(result)
+
+
+@BOTH
+def test_only_skipped_queries_raise(fn):
+    with pytest.raises(ValueError, match="no query has a true match"):
+        run(fn, [(1, 1, 0.9), (2, 2, 0.8)])
+
+
+def test_max_rank_and_summary():
+    result = run(evaluate, CASE_JUNK, max_rank=3)
+    np.testing.assert_array_equal(result.cmc, [0, 1, 1])
+    assert result.rank(10) == 1.0  # beyond the curve every evaluated query has found its match
+    text = str(result)
+    assert re.fullmatch(r"Rank@1: 0\.00%  Rank@5: 100\.00%  Rank@10: 100\.00%  mAP: 33\.33%", text), text
+    assert text == result.summary()
+
+
+def test_result_is_frozen():
+    result = run(evaluate, CASE_JUNK)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.mAP = 1.0
+    with pytest.raises(ValueError):
+        result.cmc[0] = 1.0  # read-only array
+
+
+def random_split(seed: int, quantised: bool):
+    """Random queries/gallery with junk, distractors and skipped queries; quantised features force ties."""
+    rng = np.random.default_rng(seed)
+    nq, ng, dim = 23, 61, 4
+    if quantised:  # small integers: dot products are exact, so equal scores are truly equal
+        qf, gf = rng.integers(-2, 3, (nq, dim)), rng.integers(-2, 3, (ng, dim))
+    else:
+        qf, gf = rng.standard_normal((nq, dim)), rng.standard_normal((ng, dim))
+    query_pids = rng.integers(1, 7, nq)
+    query_pids[:2] = 8  # not in the gallery at all: skipped
+    return (
+        qf.astype(np.float32),
+        query_pids,
+        rng.integers(1, 4, nq),
+        gf.astype(np.float32),
+        rng.integers(-1, 7, ng),
+        rng.integers(1, 4, ng),
+    )
+
+
+def assert_same(a: Evaluation, b: Evaluation) -> None:
+    np.testing.assert_array_equal(a.evaluated_mask, b.evaluated_mask)
+    np.testing.assert_allclose(a.cmc, b.cmc, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(a.ap, b.ap, rtol=0, atol=1e-6)
+    assert a.mAP == pytest.approx(b.mAP, abs=1e-6)
+    assert (a.num_queries_evaluated, a.num_queries_skipped) == (
+        b.num_queries_evaluated,
+        b.num_queries_skipped,
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("quantised", [True, False], ids=["ties", "continuous"])
+@pytest.mark.parametrize("ap", ["market", "step"])
+def test_fast_matches_naive(seed, quantised, ap):
+    data = random_split(seed, quantised)
+    reference = evaluate_naive(*data, ap=ap)
+    assert reference.num_queries_skipped >= 2  # the data does exercise skipping
+    for chunk_size in (1, 7, 1000):
+        assert_same(evaluate(*data, ap=ap, chunk_size=chunk_size), reference)
+    assert_same(evaluate(*data, ap=ap, max_rank=5), evaluate_naive(*data, ap=ap, max_rank=5))
+
+
+def test_from_distance_matches_features():
+    qf, qp, qc, gf, gp, gc = random_split(1, quantised=True)
+    scores = qf.astype(np.float64) @ gf.T.astype(np.float64)
+    for ap in ("market", "step"):
+        assert_same(evaluate_from_distance(-scores, qp, qc, gp, gc, ap=ap), evaluate(qf, qp, qc, gf, gp, gc, ap=ap))
+        assert_same(
+            evaluate_from_distance(10.0 - scores, qp, qc, gp, gc, ap=ap, chunk_size=4),  # any shift: same ranks
+            evaluate(qf, qp, qc, gf, gp, gc, ap=ap),
+        )
+
+
+def test_torch_and_numpy_inputs_agree():
+    data = random_split(2, quantised=False)
+    tensors = [torch.from_numpy(np.asarray(x)) for x in data]
+    assert_same(evaluate(*tensors), evaluate(*data))
+    assert_same(evaluate_naive(*tensors), evaluate(*data))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"ap": "mean"}, r"ap must be one of \('market', 'step'\)"),
+        ({"query_features": np.ones(3)}, "query_features must be 2-D"),
+        ({"gallery_features": np.ones((4, 3))}, "feature sizes differ"),
+        ({"gallery_pids": np.ones(3)}, "gallery_pids must be 1-D with 4 entries"),
+        ({"query_cams": np.ones((3, 1))}, "query_cams must be 1-D with 3 entries"),
+        ({"max_rank": 0}, "max_rank"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"query_features": np.full((3, 2), np.nan)}, "NaN"),
+    ],
+)
+@BOTH
+def test_bad_inputs_raise(fn, change, message):
+    kwargs = {
+        "query_features": np.ones((3, 2)),
+        "query_pids": [1, 2, 3],
+        "query_cams": [1, 1, 1],
+        "gallery_features": np.ones((4, 2)),
+        "gallery_pids": [1, 2, 3, 4],
+        "gallery_cams": [2, 2, 2, 2],
+    }
+    kwargs.update(change)
+    with pytest.raises(ValueError, match=message):
+        fn(**kwargs)
+
+
+def test_bad_distance_matrix_raises():
+    with pytest.raises(ValueError, match="dist must be 2-D"):
+        evaluate_from_distance(np.ones(3), [1], [1], [1, 2, 3], [2, 2, 2])
+    with pytest.raises(ValueError, match="gallery_pids must be 1-D with 3 entries"):
+        evaluate_from_distance(np.ones((1, 3)), [1], [1], [1, 2], [2, 2, 2])
+
+
+def test_rank_gallery_drops_junk_and_marks_matches():
+    # scores 0.9 (same pid, same camera: junk), 0.8 (distractor), 0.7 (pid -1), 0.6 (match, other camera)
+    query = np.array([1.0, 0.0])
+    gallery = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]])
+    ranked = rank_gallery(query, 7, 1, gallery, [7, 0, -1, 7], [1, 2, 3, 2])
+    assert ranked.order.tolist() == [1, 3]
+    assert ranked.is_match.tolist() == [False, True]
+    assert ranked.scores.tolist() == pytest.approx([0.8, 0.6])

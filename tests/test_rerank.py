@@ -1,0 +1,177 @@
+"""Tests for reid_utils.rerank: a hand-worked case, a plain-loop reference, basic properties, memory guard."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from reid_utils.metrics import evaluate_from_distance
+from reid_utils.rerank import (
+    check_rerank_memory,
+    k_reciprocal_rerank,
+    rerank_features,
+    rerank_memory_bytes,
+)
+
+
+def blocks(points_query: np.ndarray, points_gallery: np.ndarray):
+    """(q_g, q_q, g_g) Euclidean distances between points."""
+    pool = np.concatenate([points_query, points_gallery]).astype(np.float64)
+    dist = np.linalg.norm(pool[:, None] - pool[None], axis=-1)
+    q = len(points_query)
+    return dist[:q, q:], dist[:q, :q], dist[q:, q:]
+
+
+def random_blocks(seed: int, num_query: int = 6, num_gallery: int = 30, dim: int = 8):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((num_query + num_gallery, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return blocks(x[:num_query], x[num_query:])
+
+
+def reference_rerank(q_g, q_q, g_g, k1, k2, lambda_value):
+    """Zhong et al. step by step with plain loops and dense vectors (slow; for checking only)."""
+    dist = np.block([[q_q, q_g], [q_g.T, g_g]])
+    n, num_query = len(dist), len(q_q)
+    ranking = np.argsort(dist, axis=1, kind="stable")
+
+    def k_reciprocal(p, k):
+        return {g for g in ranking[p, : k + 1] if p in ranking[g, : k + 1]}
+
+    vectors = np.zeros((n, n))
+    for p in range(n):
+        r = k_reciprocal(p, k1)
+        expanded = set(r)
+        for q in r:
+            r_half = k_reciprocal(q, round(k1 / 2))
+            if len(r_half & r) > 2 / 3 * len(r_half):
+                expanded |= r_half
+        members = sorted(expanded)
+        weights = np.exp(-dist[p, members])
+        vectors[p, members] = weights / weights.sum()
+    if k2 > 1:
+        vectors = np.stack([vectors[ranking[p, :k2]].mean(axis=0) for p in range(n)])
+    jaccard = np.empty(q_g.shape)
+    for i in range(num_query):
+        for j in range(q_g.shape[1]):
+            a, b = vectors[i], vectors[num_query + j]
+            jaccard[i, j] = 1 - np.minimum(a, b).sum() / np.maximum(a, b).sum()  # no min-sum shortcut
+    return (1 - lambda_value) * jaccard + lambda_value * q_g
+
+
+def test_hand_worked_case_lifts_the_true_match():
+    # Points on a line. Query q at 0; gallery: true match t at 1.0, a look-alike d at -0.8 that sits in
+    # a tight group with b1 (-1.05) and b2 (-1.15). Raw distances rank d (0.8) above t (1.0).
+    # With k1 = 2 (N(p, 2) = p and its 2 nearest):
+    #   N(q) = {q, d, t}   N(t) = {t, q, d}   N(d) = {d, b1, b2}   N(b1) = {b1, b2, d}   N(b2) = {b2, b1, d}
+    #   R(q, 2) = {q, t}: t has q among its neighbours, d does not.     R(t, 2) = {t, q}
+    #   k1/2 = 1: R(q, 1) = {q}, R(t, 1) = {t}, so the expansion adds nothing: R*(q) = {q, t}, R*(t) = {t, q}.
+    #   R*(d) = {d, b1, b2}: no overlap with R*(q) -> Jaccard(q, d) = 1.
+    #   V_q = (1, e^-1) / (1 + e^-1) on (q, t); V_t the same on (t, q).
+    #   sum(min) = 2 e^-1 / (1 + e^-1) = 2 / (e + 1);  Jaccard(q, t) = 1 - m / (2 - m) = 1 - 1/e.
+    # k2 = 1 (no query expansion), lambda = 0.3:
+    #   d*(q, t) = 0.7 (1 - 1/e) + 0.3 * 1.0 = 0.7425...   d*(q, d) = 0.7 * 1 + 0.3 * 0.8 = 0.94
+    q_g, q_q, g_g = blocks(np.array([[0.0]]), np.array([[1.0], [-0.8], [-1.05], [-1.15]]))
+    assert np.argmin(q_g[0]) == 1  # before: the look-alike wins
+
+    final = k_reciprocal_rerank(q_g, q_q, g_g, k1=2, k2=1, lambda_value=0.3)
+
+    expected = [0.7 * (1 - 1 / math.e) + 0.3 * 1.0, 0.7 + 0.3 * 0.8, 0.7 + 0.3 * 1.05, 0.7 + 0.3 * 1.15]
+    np.testing.assert_allclose(final[0], expected, rtol=1e-6)
+    assert np.argmin(final[0]) == 0  # after: the true match is first
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize(("k1", "k2"), [(20, 6), (4, 3), (3, 1), (1, 1), (5, 9)])
+def test_matches_plain_loop_reference(seed, k1, k2):
+    q_g, q_q, g_g = random_blocks(seed)
+    expected = reference_rerank(q_g, q_q, g_g, min(k1, 35), k2, 0.3)
+    np.testing.assert_allclose(k_reciprocal_rerank(q_g, q_q, g_g, k1, k2, 0.3), expected, atol=1e-5)
+
+
+def test_output_shape_type_and_range():
+    q_g, q_q, g_g = random_blocks(0, num_query=5, num_gallery=17)
+    final = k_reciprocal_rerank(q_g, q_q, g_g)
+    assert final.shape == (5, 17) and final.dtype == np.float32
+    assert np.isfinite(final).all() and (final >= 0).all()
+    jaccard_part = (final - 0.3 * q_g) / 0.7
+    assert (jaccard_part >= -1e-6).all() and (jaccard_part <= 1 + 1e-6).all()
+
+
+def test_lambda_one_returns_the_original_distance():
+    q_g, q_q, g_g = random_blocks(1)
+    np.testing.assert_array_equal(k_reciprocal_rerank(q_g, q_q, g_g, lambda_value=1.0), q_g.astype(np.float32))
+
+
+def test_large_distances_do_not_underflow():
+    # exp(-d) of distances in the thousands is 0 in float64; the kernel must still give proper weights.
+    q_g, q_q, g_g = random_blocks(2)
+    final = k_reciprocal_rerank(1000 * q_g, 1000 * q_q, 1000 * g_g)
+    assert np.isfinite(final).all()
+
+
+def test_rerank_features_uses_squared_euclidean_of_unit_features():
+    rng = np.random.default_rng(4)
+    qf, gf = rng.standard_normal((4, 6)) * 3, rng.standard_normal((12, 6)) * 3  # not unit length
+    qn = qf / np.linalg.norm(qf, axis=1, keepdims=True)
+    gn = gf / np.linalg.norm(gf, axis=1, keepdims=True)
+
+    def squared(a, b):
+        return ((a[:, None] - b[None]) ** 2).sum(-1)
+
+    np.testing.assert_allclose(rerank_features(qf, gf, lambda_value=1.0), squared(qn, gn), atol=1e-5)
+    np.testing.assert_allclose(
+        rerank_features(torch.from_numpy(qf), torch.from_numpy(gf), k1=5, k2=2),
+        k_reciprocal_rerank(squared(qn, gn), squared(qn, qn), squared(gn, gn), k1=5, k2=2),
+        atol=1e-5,
+    )
+
+
+def test_reranking_helps_on_clustered_data():
+    # Identities as tight-ish clusters with a few far-off images: re-ranking should not lose mAP here.
+    rng = np.random.default_rng(0)
+    ids = np.repeat(np.arange(1, 9), 6)
+    cams = np.tile(np.arange(1, 7), 8)
+    centres = rng.standard_normal((9, 16))
+    x = centres[ids] + 0.9 * rng.standard_normal((len(ids), 16))
+    is_query = cams == 1
+    qf, gf = x[is_query], x[~is_query]
+    raw = rerank_features(qf, gf, k1=4, k2=2, lambda_value=1.0)
+    reranked = rerank_features(qf, gf, k1=4, k2=2)
+    args = (ids[is_query], cams[is_query], ids[~is_query], cams[~is_query])
+    assert evaluate_from_distance(reranked, *args).mAP > evaluate_from_distance(raw, *args).mAP
+
+
+def test_memory_limit_is_checked_before_allocating():
+    # Broadcast views of a single float: enormous shapes, no memory behind them.
+    q, g = 50_000, 200_000
+    fake = np.broadcast_to(np.float32(0), (1, 1))
+    with pytest.raises(MemoryError, match="max_memory_bytes"):
+        k_reciprocal_rerank(np.broadcast_to(fake, (q, g)), np.broadcast_to(fake, (q, q)), np.broadcast_to(fake, (g, g)))
+    with pytest.raises(MemoryError):
+        rerank_features(np.broadcast_to(fake, (q, 512)), np.broadcast_to(fake, (g, 512)))
+    with pytest.raises(MemoryError):
+        check_rerank_memory(q, g)
+    assert rerank_memory_bytes(3368, 19732) < 4 * 1024**3  # Market-1501 fits the default limit
+    q_g, q_q, g_g = random_blocks(0)
+    with pytest.raises(MemoryError):
+        k_reciprocal_rerank(q_g, q_q, g_g, max_memory_bytes=1000)  # the limit is configurable
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"q_q_dist": np.zeros((2, 2))}, "q_q_dist must have shape"),
+        ({"g_g_dist": np.zeros((3, 3))}, "g_g_dist must have shape"),
+        ({"q_g_dist": np.zeros(4)}, "q_g_dist must be 2-D"),
+        ({"k1": 0}, "k1 and k2"),
+        ({"lambda_value": 1.5}, "lambda_value"),
+        ({"q_g_dist": np.full((6, 30), np.nan)}, "NaN"),
+    ],
+)
+def test_bad_inputs_raise(kwargs, message):
+    q_g, q_q, g_g = random_blocks(0)
+    arguments = {"q_g_dist": q_g, "q_q_dist": q_q, "g_g_dist": g_g, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        k_reciprocal_rerank(**arguments)
