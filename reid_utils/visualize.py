@@ -104,25 +104,31 @@ def ranked_list(
     Pass the gallery *after* junk removal (see ``metrics.rank_gallery``), so the frames show
     exactly what CMC and AP count.
     """
-    k = len(gallery_paths)
-    fig, axes = plt.subplots(1, k + 1, figsize=(1.05 * (k + 1), 2.4))
-    images = [query_path, *gallery_paths]
-    for i, (ax, path) in enumerate(zip(axes, images, strict=True)):
-        ax.imshow(Image.open(path).convert("RGB"))
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if i == 0:
-            ax.set_title("query", fontsize=8)
-            colour, width = "black", 2
-        else:
-            colour, width = ("tab:green", 4) if is_match[i - 1] else ("tab:red", 4)
-            label = f"{i}" if scores is None else f"{i}: {scores[i - 1]:.2f}"
-            ax.set_title(label, fontsize=8)
-        for spine in ax.spines.values():
-            spine.set_edgecolor(colour)
-            spine.set_linewidth(width)
-    if title:
-        fig.suptitle(title, fontsize=9)
+    return ranked_lists([(query_path, gallery_paths, is_match, title, scores)])
+
+
+def ranked_lists(rows: list[tuple]) -> plt.Figure:
+    """Several ranked lists in one figure, one row each: ``(query, gallery, is_match, title, scores)``."""
+    k = max(len(row[1]) for row in rows)
+    fig, axes = plt.subplots(len(rows), k + 1, figsize=(1.05 * (k + 1), 2.4 * len(rows)), squeeze=False)
+    for ax_row, (query_path, gallery_paths, is_match, title, scores) in zip(axes, rows, strict=True):
+        for i, ax in enumerate(ax_row):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i > len(gallery_paths):
+                ax.axis("off")
+                continue
+            ax.imshow(Image.open(query_path if i == 0 else gallery_paths[i - 1]).convert("RGB"))
+            if i == 0:
+                ax.set_title("query", fontsize=8)
+                ax.set_ylabel(title, fontsize=8)
+                colour, width = "black", 2
+            else:
+                colour, width = ("tab:green", 4) if is_match[i - 1] else ("tab:red", 4)
+                ax.set_title(f"{i}" if scores is None else f"{i}: {scores[i - 1]:.2f}", fontsize=8)
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(width)
     fig.tight_layout()
     return fig
 
