@@ -107,26 +107,22 @@ def find_dataset(
     while a missing dataset in the default places falls back to the embedded synthetic set,
     generated on first use, with a one-line notice.
     """
-    if data_dir is not None:
-        path = Path(data_dir).expanduser()
-        if not is_market_folder(path):
-            raise FileNotFoundError(
-                f"{path} is not a Market-1501 folder: it needs {', '.join(MARKET_FOLDERS)}. "
-                f"Point to the unzipped Market-1501-v15.09.15 folder."
-            )
-        return _announce(DatasetLocation(path, synthetic=False), quiet)
-    from_env = os.environ.get(MARKET_ENV_VAR)
     root = Path(data_root) if data_root is not None else default_data_root()
-    if os.environ.get(FORCE_ENV_VAR) == "synthetic":  # the tests: same data on every machine
+    if data_dir is None and os.environ.get(FORCE_ENV_VAR) == "synthetic":  # the tests: same data everywhere
         return _announce(DatasetLocation(ensure_synthetic(root / SYNTHETIC_FOLDER_NAME), synthetic=True), quiet)
-    if from_env:
-        path = Path(from_env).expanduser()
-        if not is_market_folder(path):
-            raise FileNotFoundError(
-                f"${MARKET_ENV_VAR}={from_env} is not a Market-1501 folder: it needs "
-                f"{', '.join(MARKET_FOLDERS)}. Fix the variable or unset it."
-            )
-        return _announce(DatasetLocation(path, synthetic=False), quiet)
+    # What the user named explicitly must be right: an error, not a silent fallback.
+    explicit = [
+        (data_dir, f"{data_dir}", "Point to the unzipped Market-1501-v15.09.15 folder."),
+        (os.environ.get(MARKET_ENV_VAR), f"${MARKET_ENV_VAR}", "Fix the variable or unset it."),
+    ]
+    for given, what, fix in explicit:
+        if given:
+            path = Path(given).expanduser()
+            if not is_market_folder(path):
+                raise FileNotFoundError(
+                    f"{what} is not a Market-1501 folder: it needs {', '.join(MARKET_FOLDERS)}. {fix}"
+                )
+            return _announce(DatasetLocation(path, synthetic=False), quiet)
     for name in MARKET_FOLDER_NAMES:
         if is_market_folder(root / name):
             return _announce(DatasetLocation(root / name, synthetic=False), quiet)
