@@ -225,11 +225,14 @@ def build_dataloaders(
     color_jitter: bool = False,
     num_workers: int | None = None,
     seed: int = 0,
+    instances: int = 0,
 ) -> tuple[dict[str, torch.utils.data.DataLoader], dict[str, int], list[str]]:
     """``ImageFolder`` datasets and loaders for the ``train`` and ``val`` phases, as in the classic ``train.py``.
 
     With ``train_all`` the training phase reads ``train_all/`` (every training image);
     the validation images are then also seen in training, so val accuracy is optimistic.
+    ``instances`` K > 0 samples training batches of ``batch_size // K`` identities x K images
+    (the P x K sampling a triplet loss needs) instead of shuffling images.
     Returns the loaders, ``dataset_sizes`` and the class names (the person ids).
     """
     data_dir = Path(data_dir)
@@ -249,11 +252,17 @@ def build_dataloaders(
         raise ValueError(f"{data_dir}: train and val hold different identities; run prepare again.")
     workers = default_num_workers() if num_workers is None else num_workers
     generator = torch.Generator().manual_seed(seed)
+    pk_sampler = None
+    if instances > 0:
+        from reid_utils.samplers import PKSampler
+
+        pk_sampler = PKSampler(image_datasets["train"].targets, batch_size // instances, instances, seed=seed)
     loaders = {
         phase: torch.utils.data.DataLoader(
             image_datasets[phase],
             batch_size=batch_size,
-            shuffle=phase == "train",
+            shuffle=phase == "train" and pk_sampler is None,
+            sampler=pk_sampler if phase == "train" else None,
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,

@@ -67,6 +67,26 @@ class ClassBlock(nn.Module):
         return self.classifier(self.embedding(x))
 
 
+class BNNeck(nn.Module):
+    """BatchNorm1d -> Linear(num_classes, no bias): the "BNNeck" head of Luo et al. (CVPRW 2019).
+
+    The triplet loss works on the pooled features before the BatchNorm, the classifier after it;
+    the normalised feature (``embedding``) is what evaluation uses. Splitting the two stops the
+    two losses from pulling the same feature in different directions. The BatchNorm's shift is
+    frozen at zero, as in the paper.
+    """
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.embedding = nn.BatchNorm1d(in_features)
+        self.embedding.bias.requires_grad_(False)
+        self.classifier = nn.Linear(in_features, num_classes, bias=False)
+        init.normal_(self.classifier.weight, std=0.001)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embedding(x))
+
+
 def _weights_file_cached(weights: models.WeightsEnum) -> bool:
     filename = Path(weights.url).name
     return (Path(torch.hub.get_dir()) / "checkpoints" / filename).is_file()
@@ -107,10 +127,11 @@ def load_imagenet_weights(backbone: str, quiet: bool = False) -> dict | None:
 
 
 class ReIDNet(nn.Module):
-    """ResNet backbone -> adaptive average pooling -> ``ClassBlock``.
+    """ResNet backbone -> adaptive average pooling -> ``ClassBlock`` (or ``BNNeck``).
 
     ``stride=1`` removes the last down-sampling in ``layer4`` (the "last stride" trick):
     a feature map twice as tall and wide, more detail, a little more compute.
+    ``bnneck=True`` replaces the ``ClassBlock`` with the ``BNNeck`` head.
     """
 
     def __init__(
@@ -123,6 +144,7 @@ class ReIDNet(nn.Module):
         relu: bool = False,
         pretrained: bool = True,
         quiet: bool = False,
+        bnneck: bool = False,
     ) -> None:
         super().__init__()
         if backbone not in BACKBONES:
@@ -142,7 +164,10 @@ class ReIDNet(nn.Module):
             resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4,
         )  # fmt: skip
         self.pool = nn.AdaptiveAvgPool2d(1)  # any input size -> one vector per image
-        self.head = ClassBlock(resnet.fc.in_features, num_classes, droprate, linear_num, relu)
+        if bnneck:
+            self.head = BNNeck(resnet.fc.in_features, num_classes)
+        else:
+            self.head = ClassBlock(resnet.fc.in_features, num_classes, droprate, linear_num, relu)
         self.pretrained = state is not None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,9 +178,14 @@ class ReIDNet(nn.Module):
         """The test-time description of each image: ``batch x linear_num`` (call in eval mode)."""
         return self.head.embedding(self.features(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Training output: one score per training identity, ``batch x num_classes``."""
-        return self.head(self.features(x))
+    def forward(self, x: torch.Tensor, with_features: bool = False):
+        """Training output: one score per training identity, ``batch x num_classes``.
+
+        ``with_features=True`` also returns the pooled features, for a metric loss such as the triplet loss.
+        """
+        features = self.features(x)
+        logits = self.head(features)
+        return (logits, features) if with_features else logits
 
 
 def parameter_groups(model: nn.Module, lr: float) -> list[dict]:

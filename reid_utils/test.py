@@ -96,7 +96,10 @@ def load_trained_model(run: str | os.PathLike, device: torch.device | str = "cpu
     checkpoint_path = latest_checkpoint(run)
     if checkpoint_path is None:
         raise TrainError(f"{run} holds no checkpoint yet (net_XXX.pth or net_last.pth). Train it first.")
-    model = ReIDNet(opts.num_classes, opts.backbone, opts.droprate, opts.stride, opts.linear_num, pretrained=False)
+    model = ReIDNet(
+        opts.num_classes, opts.backbone, opts.droprate, opts.stride, opts.linear_num,
+        pretrained=False, bnneck=opts.bnneck,
+    )  # fmt: skip
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)["model"]
     try:
         model.load_state_dict(state)

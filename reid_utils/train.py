@@ -62,6 +62,11 @@ class TrainOptions:
     seed: int = 0
     num_workers: int | None = None
     amp: bool = True  # mixed precision, used on CUDA only
+    label_smoothing: float = 0.0
+    bnneck: bool = False
+    triplet_weight: float = 0.0  # > 0 adds a batch-hard triplet loss and samples P identities x K images
+    triplet_margin: float = 0.3
+    instances: int = 4  # K, images per identity in a batch when the triplet loss is on
     num_classes: int = 0  # filled in from the data
 
     def check(self) -> None:
@@ -80,6 +85,15 @@ class TrainOptions:
             raise TrainError(f"--stride must be 1 or 2, got {self.stride}.")
         if not 0 <= self.droprate < 1 or not 0 <= self.erasing_p <= 1:
             raise TrainError("--droprate must be in [0, 1) and --erasing_p in [0, 1].")
+        if not 0 <= self.label_smoothing < 1:
+            raise TrainError(f"--label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+        if self.triplet_weight < 0:
+            raise TrainError(f"--triplet_weight must be >= 0, got {self.triplet_weight}.")
+        if self.triplet_weight > 0 and not 2 <= self.instances <= self.batchsize // 2:
+            raise TrainError(
+                f"--instances {self.instances}: the triplet loss needs batches of P identities x K images with "
+                f"K >= 2 and P >= 2 (here --batchsize {self.batchsize})."
+            )
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise TrainError(f"--name '{self.name}' may only use letters, digits, '_', '-' and '.'.")
 
@@ -206,6 +220,30 @@ def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     return numbered[-1] if numbered else None
 
 
+class ReIDLoss(nn.Module):
+    """Cross-entropy over the training identities (optionally label-smoothed) [+ a batch-hard triplet term].
+
+    Label smoothing gives the true identity 1 - eps + eps/C and every other identity eps/C, so the
+    network is never pushed towards infinitely confident scores on a few hundred training people.
+    The triplet term pulls the features of one person together and pushes others away directly,
+    which is what retrieval needs; it only applies in training, where batches hold K images per person.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, triplet_weight: float = 0.0, margin: float = 0.3) -> None:
+        super().__init__()
+        self.cross_entropy = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.triplet_weight = triplet_weight
+        self.margin = margin
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, features: torch.Tensor | None = None):
+        loss = self.cross_entropy(logits, labels)
+        if self.triplet_weight > 0 and features is not None:
+            from reid_utils.losses import batch_hard_triplet_loss
+
+            loss = loss + self.triplet_weight * batch_hard_triplet_loss(features, labels, margin=self.margin)
+        return loss
+
+
 def run_epoch_phase(model, loader, phase, device, criterion, optimizer, opts, state, scaler, use_amp, progress):
     """One pass over ``loader``; returns (mean loss, top-1 accuracy, images used, batches skipped)."""
     model.train(phase == "train")
@@ -221,9 +259,9 @@ def run_epoch_phase(model, loader, phase, device, criterion, optimizer, opts, st
         if phase == "train":
             optimizer.zero_grad()
         with torch.set_grad_enabled(phase == "train"), torch.autocast(device.type, enabled=use_amp):
-            outputs = model(inputs)
+            outputs, features = model(inputs, with_features=True)
             preds = outputs.argmax(dim=1)
-            loss = criterion(outputs, labels)
+            loss = criterion(outputs, labels, features if phase == "train" else None)
         if phase == "train":
             if state["warm_up"] < 1.0:  # warm-up: scale the loss from 0.1 up to 1 over warm_epoch epochs
                 state["warm_up"] = min(1.0, state["warm_up"] + 0.9 / state["warm_iterations"])
@@ -269,6 +307,7 @@ def train(opts: TrainOptions, resume: bool = False, overwrite: bool = False, qui
     loaders, sizes, class_names = build_dataloaders(
         opts.data_dir, opts.batchsize, opts.train_all, opts.height, opts.width,
         opts.erasing_p, opts.color_jitter, opts.num_workers, opts.seed,
+        instances=opts.instances if opts.triplet_weight > 0 else 0,
     )  # fmt: skip
     if opts.num_classes not in (0, len(class_names)):
         raise TrainError(
@@ -278,7 +317,7 @@ def train(opts: TrainOptions, resume: bool = False, overwrite: bool = False, qui
     opts.num_classes = len(class_names)
     model = ReIDNet(
         opts.num_classes, opts.backbone, opts.droprate, opts.stride, opts.linear_num,
-        pretrained=opts.pretrained and not resume, quiet=quiet,
+        pretrained=opts.pretrained and not resume, quiet=quiet, bnneck=opts.bnneck,
     ).to(device)  # fmt: skip
     if len(gpu_ids) > 1:
         model = nn.DataParallel(model, device_ids=gpu_ids)  # splits each batch over the GPUs
@@ -286,7 +325,7 @@ def train(opts: TrainOptions, resume: bool = False, overwrite: bool = False, qui
     scheduler = build_scheduler(optimizer, opts.total_epoch, opts.cosine)
     use_amp = opts.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
-    criterion = nn.CrossEntropyLoss()
+    criterion = ReIDLoss(opts.label_smoothing, opts.triplet_weight, opts.triplet_margin)
     history = {"train_loss": [], "train_err": [], "val_loss": [], "val_err": [], "skipped": [], "seconds": []}
     warm_iterations = max(1, sizes["train"] // opts.batchsize) * opts.warm_epoch
     state = {"warm_up": 0.1 if opts.warm_epoch > 0 else 1.0, "warm_iterations": warm_iterations}
@@ -311,6 +350,8 @@ def train(opts: TrainOptions, resume: bool = False, overwrite: bool = False, qui
 
     for epoch in range(start_epoch, opts.total_epoch):
         started = time.perf_counter()
+        if hasattr(loaders["train"].sampler, "set_epoch"):
+            loaders["train"].sampler.set_epoch(epoch)  # the P x K sampler reshuffles per epoch, reproducibly
         for phase in ("train", "val"):
             loss, acc, _, skipped = run_epoch_phase(
                 model,
@@ -382,6 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--droprate", type=float, default=d.droprate)
     p.add_argument("--height", type=int, default=d.height)
     p.add_argument("--width", type=int, default=d.width)
+    p.add_argument("--label_smoothing", type=float, default=d.label_smoothing, help="e.g. 0.1")
+    p.add_argument("--bnneck", action="store_true", help="BNNeck head instead of the ClassBlock")
+    p.add_argument("--triplet_weight", type=float, default=d.triplet_weight, help="> 0 adds a triplet loss")
+    p.add_argument("--triplet_margin", type=float, default=d.triplet_margin)
+    p.add_argument("--instances", type=int, default=d.instances, help="K images per identity (triplet)")
     p.add_argument("--no_pretrained", action="store_true", help="start from random weights")
     p.add_argument("--save_every", type=int, default=d.save_every, help="checkpoint + curves every N epochs")
     p.add_argument("--seed", type=int, default=d.seed)

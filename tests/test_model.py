@@ -78,3 +78,14 @@ def test_layer_shapes_follow_the_forward_pass(net):
     assert rows[0] == ("backbone.conv1", (2, 64, 32, 16), 64 * 3 * 7 * 7)
     assert rows[-1][1] == tuple(net(x).shape)
     assert sum(params for _, _, params in rows) == count_parameters(net)
+
+
+def test_bnneck_head_embeds_the_normalised_pooled_feature():
+    torch.manual_seed(0)
+    net = ReIDNet(6, backbone="resnet18", bnneck=True, pretrained=False)
+    x = torch.randn(4, 3, 64, 32)
+    logits, features = net(x, with_features=True)
+    assert logits.shape == (4, 6) and features.shape == (4, 512)
+    assert not net.head.embedding.bias.requires_grad and net.head.classifier.bias is None
+    net.eval()
+    assert torch.allclose(net.embed(x), net.head.embedding(net.features(x)))

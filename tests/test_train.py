@@ -1,9 +1,12 @@
+import math
+
 import pytest
 import torch
 import yaml
 
 import reid_utils.train as train_module
 from reid_utils.train import (
+    ReIDLoss,
     TrainError,
     TrainOptions,
     latest_checkpoint,
@@ -140,3 +143,32 @@ def test_cli_user_errors_exit_2(tiny_prepared, tmp_path, capsys, extra, message)
 def test_cli_missing_data_dir(tmp_path, capsys):
     assert main(["--data_dir", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_label_smoothing_and_triplet_terms():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    features = torch.randn(8, 5)
+    plain = ReIDLoss()(logits, labels, features)
+    assert torch.isclose(plain, torch.nn.functional.cross_entropy(logits, labels))
+    smooth = ReIDLoss(label_smoothing=0.1)(logits, labels)
+    assert torch.isclose(smooth, torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1))
+    with_triplet = ReIDLoss(triplet_weight=1.0)(logits, labels, features)
+    assert with_triplet > plain  # random features violate the margin
+    assert torch.isclose(ReIDLoss(triplet_weight=1.0)(logits, labels, None), plain)  # val phase: no features
+
+
+def test_all_tricks_train_with_pk_batches(tiny_prepared, tmp_path):
+    opts = tiny_options(
+        tiny_prepared, tmp_path, total_epoch=2, save_every=2, warm_epoch=1, erasing_p=0.5, label_smoothing=0.1,
+        stride=1, bnneck=True, triplet_weight=1.0, instances=2,
+    )  # fmt: skip
+    history = train(opts, quiet=True)
+    assert history["skipped"] == [0, 0]  # P x K batches are always full
+    assert all(math.isfinite(loss) for loss in history["train_loss"])
+    assert yaml.safe_load((tmp_path / "tiny" / "opts.yaml").read_text())["bnneck"] is True
+
+
+def test_triplet_needs_several_images_per_identity(tiny_prepared, tmp_path):
+    with pytest.raises(TrainError, match="--instances"):
+        train(tiny_options(tiny_prepared, tmp_path, triplet_weight=1.0, instances=1), quiet=True)

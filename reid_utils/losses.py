@@ -1,0 +1,138 @@
+"""Metric-learning losses for re-ID: the batch-hard triplet loss.
+
+A classification (ID) loss teaches the network to tell the *training* identities apart, but at test
+time we rank unseen people by distance. The triplet loss trains that distance directly: an anchor must
+be closer to every image of its own identity (positives) than to any other identity (negatives), by a
+margin.
+
+Batch-hard mining (Hermans, Beyer & Leibe, "In Defense of the Triplet Loss for Person
+Re-Identification", 2017): inside a batch of P identities x K images, each anchor is paired with its
+*hardest* positive (the farthest image of the same person) and *hardest* negative (the closest image
+of someone else). Only batches with several images per identity have positives at all, hence the P x K
+sampler in ``reid_utils.samplers``.
+
+Luo et al., "Bag of Tricks and A Strong Baseline for Deep Person Re-identification", CVPRW 2019, use
+this loss with margin 0.3 and P=16, K=4 alongside the ID loss; with their BNNeck the triplet loss sees
+the features *before* the BatchNorm layer and the ID loss the features after it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+DEFAULT_MARGIN = 0.3  # Luo et al. 2019
+
+
+class HardestPairs(NamedTuple):
+    """Per-anchor distance to the hardest positive and the hardest negative.
+
+    An anchor with no positive in the batch gets ``d_ap = -inf`` (the max of an empty set); one with no
+    negative gets ``d_an = +inf``. ``valid`` marks anchors that have both, the only ones a triplet exists for.
+    """
+
+    d_ap: Tensor
+    d_an: Tensor
+
+    @property
+    def valid(self) -> Tensor:
+        """Anchors with at least one positive and one negative (both distances finite)."""
+        return torch.isfinite(self.d_ap) & torch.isfinite(self.d_an)
+
+
+def pairwise_distances(embeddings: Tensor, squared: bool = False, eps: float = 1e-12) -> Tensor:
+    """All pairwise Euclidean distances between the rows of an ``(N, D)`` tensor, as ``(N, N)``.
+
+    Uses ``|a - b|^2 = |a|^2 - 2 a.b + |b|^2`` (one matrix product instead of an ``(N, N, D)`` tensor of
+    differences). Rounding can make that slightly negative, so it is clamped at 0, and the diagonal is set
+    to exactly 0. The derivative of ``sqrt`` is infinite at 0 -- which every anchor-to-itself distance and
+    every duplicate embedding hits -- so the square root is taken of ``max(d^2, eps)`` and zero distances
+    are put back with ``torch.where``: values stay exact and gradients stay finite.
+    """
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be 2-D (N, D), got shape {tuple(embeddings.shape)}")
+    sq_norms = embeddings.pow(2).sum(dim=1)
+    sq = sq_norms[:, None] - 2.0 * embeddings @ embeddings.T + sq_norms[None, :]
+    sq = sq.clamp_min(0.0)
+    eye = torch.eye(len(embeddings), dtype=torch.bool, device=embeddings.device)
+    sq = sq.masked_fill(eye, 0.0)
+    if squared:
+        return sq
+    return torch.where(sq > 0, sq.clamp_min(eps).sqrt(), torch.zeros_like(sq))
+
+
+def _check_labels(n: int, labels: Tensor) -> None:
+    """Fail early with shapes in the message rather than deep inside a broadcast."""
+    if labels.dim() != 1 or labels.numel() != n:
+        raise ValueError(f"labels must be 1-D with one entry per row ({n}), got shape {tuple(labels.shape)}")
+
+
+def hardest_pairs(dist: Tensor, labels: Tensor) -> HardestPairs:
+    """For each anchor (row of ``dist``), the distance to its hardest positive and hardest negative.
+
+    Hardest positive: the *largest* distance to another image with the same label (the anchor itself
+    does not count). Hardest negative: the *smallest* distance to an image with a different label.
+    Returned separately from the loss so notebooks can plot them. Excluded entries are filled with
+    -inf / +inf before the max / min, so gradients reach only the selected pairs.
+    """
+    if dist.dim() != 2 or dist.shape[0] != dist.shape[1]:
+        raise ValueError(f"dist must be a square (N, N) matrix, got shape {tuple(dist.shape)}")
+    _check_labels(dist.shape[0], labels)
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=dist.device)
+    positive = same & ~eye
+    negative = ~same
+    d_ap = dist.masked_fill(~positive, float("-inf")).amax(dim=1)
+    d_an = dist.masked_fill(~negative, float("inf")).amin(dim=1)
+    return HardestPairs(d_ap, d_an)
+
+
+def batch_hard_triplet_loss(
+    embeddings: Tensor, labels: Tensor, margin: float = DEFAULT_MARGIN, soft: bool = False
+) -> Tensor:
+    """Batch-hard triplet loss (Hermans et al. 2017), averaged over anchors that have a triplet.
+
+    Per anchor: ``relu(d_ap - d_an + margin)`` -- zero once the closest other person is at least
+    ``margin`` farther away than the farthest image of the same person. With ``soft=True`` the hinge is
+    replaced by ``softplus(d_ap - d_an)``, Hermans et al.'s "soft margin": it never becomes exactly zero,
+    so already-separated triplets keep pulling a little, and there is no margin to tune (``margin`` is
+    ignored). Distances are plain Euclidean, which Hermans et al. found more stable than squared.
+
+    Raises ``ValueError`` when no anchor has both a positive and a negative, e.g. a batch with one image
+    per identity (a plain shuffled loader) or a batch with a single identity.
+    """
+    _check_labels(embeddings.shape[0], labels)
+    pairs = hardest_pairs(pairwise_distances(embeddings), labels)
+    valid = pairs.valid
+    if not bool(valid.any()):
+        raise ValueError(
+            "no anchor in this batch has both a positive (another image of the same identity) and a negative "
+            f"({labels.numel()} images, {labels.unique().numel()} identities); use a PxK sampler "
+            "(reid_utils.samplers.PKSampler) so every batch holds P identities with K > 1 images each"
+        )
+    gap = pairs.d_ap[valid] - pairs.d_an[valid]
+    per_anchor = F.softplus(gap) if soft else F.relu(gap + margin)
+    return per_anchor.mean()
+
+
+class TripletLoss(nn.Module):
+    """``batch_hard_triplet_loss`` as a module, so the margin is set once next to the model.
+
+    With a BNNeck (Luo et al. 2019) call it on the features *before* the BatchNorm layer.
+    """
+
+    def __init__(self, margin: float = DEFAULT_MARGIN, soft: bool = False) -> None:
+        super().__init__()
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        self.margin = margin
+        self.soft = soft
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        return batch_hard_triplet_loss(embeddings, labels, margin=self.margin, soft=self.soft)
+
+    def extra_repr(self) -> str:
+        return "soft margin" if self.soft else f"margin={self.margin}"
