@@ -35,7 +35,11 @@ def execute(path: Path, timeout: int = 900):
 
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(
-        notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+        notebook,
+        timeout=timeout,
+        kernel_name="python3",
+        record_timing=False,  # no timestamps in cell metadata: re-runs leave clean diffs
+        resources={"metadata": {"path": str(path.parent)}},
     )
     client.execute()
     return notebook

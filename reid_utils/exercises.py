@@ -1,0 +1,479 @@
+"""Checkers for the exercises at the end of notebooks 01-05.
+
+Each notebook asks the learner to write one small function; ``check_<name>(fn)`` runs it on a few cases and
+prints exactly one line, ``✓ <name>: all N cases pass`` or ``✗ not yet: <hint>``, and returns True or False.
+The hint names the failing input, the expected value and the returned one, and where the answer matches a
+typical mistake it says which. The learner's exceptions become a ``✗ not yet:`` line, never a traceback.
+
+The expected values come from the library wherever it has them (``parse_market_name``, the real
+``ClassBlock``, ``metrics.evaluate``); the skip rule is a one-line copy of ``run_epoch_phase``'s that the tests
+hold to the training loop, and k-reciprocal neighbours a plain reference below. The checkers use fixed inputs
+and leave the global random state alone, so their output is the same on every run.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+PASSED = "✓"
+NOT_YET = "✗ not yet:"
+STILL_A_STUB = f"{NOT_YET} write the function body (it still raises NotImplementedError)"
+
+
+class _Raised:
+    """What a call raised instead of returning."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def __str__(self) -> str:
+        message = _one_line(str(self.error), 160)
+        return f"{type(self.error).__name__}: {message}" if message else type(self.error).__name__
+
+
+def _run(name: str, fn: Any, cases: Sequence, call: Callable, judge: Callable) -> bool:
+    """Call ``fn`` on each case; ``judge(case, outcome)`` returns None when right, else the hint."""
+    if not callable(fn):
+        print(f"{NOT_YET} pass the function itself, e.g. check_{name}({name}), not {type(fn).__name__} {_shown(fn)}")
+        return False
+    for case in cases:
+        try:
+            outcome = call(fn, case)
+        except NotImplementedError:
+            print(STILL_A_STUB)
+            return False
+        except Exception as error:  # the learner's bug becomes a hint, not a traceback
+            outcome = _Raised(error)
+        hint = judge(case, outcome)
+        if hint is not None:
+            print(f"{NOT_YET} {hint}")
+            return False
+    print(f"{PASSED} {name}: all {len(cases)} cases pass")
+    return True
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+    """A value as the hint prints it; numpy scalars as plain numbers, so the line reads the same everywhere."""
+    if isinstance(value, _Raised):
+        return f"it raised {value}"
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, set | frozenset):
+        items = [v.item() if isinstance(v, np.generic) else v for v in value]
+        try:
+            items = sorted(items)
+        except TypeError:
+            pass
+        return _one_line("{" + ", ".join(repr(v) for v in items) + "}" if items else "set()")
+    return _one_line(repr(value))
+
+
+def _one_line(text: str, limit: int = 80) -> str:
+    """Whitespace collapsed (an array's repr spans lines) and cut to ``limit`` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --------------------------------------------------------------------------- 01 · parse_name
+
+PARSE_NAME_CASES = (
+    "0002_c1s1_000451_03.jpg",
+    "1501_c6s4_001902_01.jpg",
+    "-1_c3s2_012345_02.jpg",
+    "0000_c5s3_015240_04.jpg",
+    "Market-1501-v15.09.15/bounding_box_test/0871_c4s2_103427_02.jpg",
+    "holiday_photo.jpg",
+    "0002_c1s1.jpg",
+)
+
+
+def _expected_name(filename: str) -> tuple[int, int] | None:
+    """(pid, camera) from the library's parser, or None where it rejects the name."""
+    from reid_utils.data import parse_market_name
+
+    try:
+        parsed = parse_market_name(filename)
+    except ValueError:
+        return None
+    return parsed.pid, parsed.camera
+
+
+def _judge_name(filename: str, outcome: Any) -> str | None:
+    expected = _expected_name(filename)
+    call = f"parse_name({filename!r})"
+    if expected is None:
+        if isinstance(outcome, _Raised) and isinstance(outcome.error, ValueError):
+            return None
+        if isinstance(outcome, _Raised):
+            return f"{call} should raise ValueError (not a Market-1501 name), but {_shown(outcome)}"
+        return (
+            f"{call} should raise ValueError: it is not a Market-1501 name (PPPP_cCsS_FFFFFF_BB.jpg), "
+            f"but it returned {_shown(outcome)}"
+        )
+    pid, camera = expected
+    if isinstance(outcome, _Raised):
+        if pid == -1:
+            why = " — junk boxes have the pid -1, two characters instead of four digits"
+        elif "/" in filename:
+            why = " — look at the file name only, without its folders: Path(filename).name"
+        else:
+            why = ""
+        return f"{call} should return {expected}, but {_shown(outcome)}{why}"
+    if isinstance(outcome, tuple) and len(outcome) == 2 and tuple(outcome) == expected:
+        if all(_is_int(v) for v in outcome):
+            return None
+    why = ""
+    if isinstance(outcome, tuple | list) and len(outcome) == 2:
+        if any(isinstance(v, str) for v in outcome):
+            why = " — convert the parts to int"
+        elif tuple(outcome) == (camera, pid):
+            why = " — the order is (pid, camera)"
+        elif isinstance(outcome, list):
+            why = " — return a tuple, not a list"
+    return f"{call} should return {expected}, got {_shown(outcome)}{why}"
+
+
+def check_parse_name(fn: Callable[[str], tuple[int, int]]) -> bool:
+    """Notebook 01: ``parse_name(filename) -> (pid, camera)``; ValueError for a name that is not Market-1501."""
+    return _run("parse_name", fn, PARSE_NAME_CASES, lambda f, name: f(name), _judge_name)
+
+
+# --------------------------------------------------------------------------- 02 · classblock_parameters
+
+# (in_features, linear_num, num_classes): ResNet-50 on Market-1501, the ResNet-18 CPU demo, DukeMTMC, CUHK03, ...
+CLASSBLOCK_CASES = (
+    (2048, 512, 751),
+    (512, 512, 48),
+    (2048, 256, 702),
+    (2048, 512, 767),
+    (1024, 128, 1000),
+    (10, 4, 3),
+)
+
+
+def _classblock_truth(in_features: int, linear_num: int, num_classes: int) -> int:
+    """Build the real ClassBlock and count its parameters (the global random state is left as it was)."""
+    import torch
+
+    from reid_utils.model import ClassBlock, count_parameters
+
+    with torch.random.fork_rng(devices=[]):
+        block = ClassBlock(in_features, num_classes, linear_num=linear_num)
+    return count_parameters(block)
+
+
+def _judge_classblock(case: tuple[int, int, int], outcome: Any) -> str | None:
+    in_features, linear_num, num_classes = case
+    expected = _classblock_truth(*case)
+    call = f"classblock_parameters(in_features={in_features}, linear_num={linear_num}, num_classes={num_classes})"
+    if isinstance(outcome, _Raised):
+        return f"{call} should return {expected:,}, but {_shown(outcome)}"
+    if _is_int(outcome) and outcome == expected:
+        return None
+    if _is_real(outcome) and outcome == expected:
+        return f"{call} should return the int {expected:,}, got {_shown(outcome)} — a count is an int"
+    if not _is_real(outcome):
+        return f"{call} should return the int {expected:,}, got {_shown(outcome)}"
+    difference = int(outcome) - expected
+    known = {
+        2 * linear_num: "BatchNorm's running_mean and running_var are buffers, not parameters (nothing trains them)",
+        2 * linear_num + 1: "BatchNorm's running_mean, running_var and num_batches_tracked are buffers, not parameters",
+        -(linear_num + num_classes): "both Linear layers have a bias too",
+        -2 * linear_num: "BatchNorm1d has a weight and a bias per feature",
+        -num_classes: "the classifier Linear(linear_num→num_classes) has a bias too",
+        -linear_num: "you are linear_num short: the first Linear's bias, or half of BatchNorm's weight + bias?",
+    }
+    why = f" — {known[difference]}" if difference in known else f" ({difference:+,} off)"
+    return f"{call} should return {expected:,}, got {int(outcome):,}{why}"
+
+
+def check_classblock_parameters(fn: Callable[[int, int, int], int]) -> bool:
+    """Notebook 02: ``classblock_parameters(in_features, linear_num, num_classes)`` against the real ClassBlock."""
+    return _run("classblock_parameters", fn, CLASSBLOCK_CASES, lambda f, case: f(*case), _judge_classblock)
+
+
+# --------------------------------------------------------------------------- 03 · should_skip
+
+# (batch_images, batch_size, phase); 23 is the short last batch of notebook 03 (407 images in batches of 32).
+SHOULD_SKIP_CASES = (
+    (23, 32, "train"),
+    (32, 32, "train"),
+    (23, 32, "val"),
+    (1, 32, "train"),
+    (16, 16, "val"),
+    (1, 16, "val"),
+    (31, 32, "train"),
+    (8, 8, "train"),
+)
+
+
+def skip_rule(batch_images: int, batch_size: int, phase: str) -> bool:
+    """The rule of ``reid_utils.train.run_epoch_phase``: only a short *training* batch is skipped.
+
+    A copy, so that the checker does not depend on the training loop's signature; ``tests/test_exercises.py``
+    runs ``run_epoch_phase`` on the cases above to prove the two agree.
+    """
+    return phase == "train" and batch_images < batch_size
+
+
+def _judge_skip(case: tuple[int, int, str], outcome: Any) -> str | None:
+    batch_images, batch_size, phase = case
+    expected = skip_rule(*case)
+    call = f"should_skip(batch_images={batch_images}, batch_size={batch_size}, phase={phase!r})"
+    if isinstance(outcome, _Raised):
+        return f"{call} should return {expected}, but {_shown(outcome)}"
+    if not isinstance(outcome, bool | np.bool_):
+        return f"{call} should return {expected}, got {_shown(outcome)} — return True or False"
+    if bool(outcome) == expected:
+        return None
+    if phase != "train":
+        why = "only the train phase skips: a short val batch is still measured (nothing is trained on it)"
+    elif batch_images == batch_size:
+        why = "a full batch is always used: skip only when batch_images < batch_size"
+    else:
+        why = "a short training batch is skipped: BatchNorm would get noisy statistics and each image would weigh more"
+    return f"{call} should return {expected}, got {_shown(outcome)} — {why}"
+
+
+def check_should_skip(fn: Callable[[int, int, str], bool]) -> bool:
+    """Notebook 03: ``should_skip(batch_images, batch_size, phase)``, the rule of ``run_epoch_phase``."""
+    return _run("should_skip", fn, SHOULD_SKIP_CASES, lambda f, case: f(*case), _judge_skip)
+
+
+# --------------------------------------------------------------------------- 04 · average_precision
+
+AVERAGE_PRECISION_CASES = (
+    (True,),
+    (False, True),
+    (True, False, True),
+    (False, True, False, True, False),
+    (True, True, False, False),
+    (False, False, False, True, True, False),
+    (False,) * 9 + (True,),
+    (True, False, False, True, False, True, False, False),
+)
+
+
+def ranking_case(is_match: Sequence[bool]) -> dict[str, np.ndarray]:
+    """Features and labels for one query whose junk-removed ranking is exactly ``is_match``.
+
+    As in notebook 04: the query is [1, 0] (person 7, camera 1) and the gallery holds unit vectors whose dot
+    product with it falls item by item. Two junk items are mixed in, a pid -1 box and person 7 seen by camera 1,
+    which the protocol must remove; the wrong answers are other people and a distractor (pid 0).
+    """
+    rows: list[tuple[int, int]] = [(-1, 3)]  # a junk box, ranked first
+    for r, match in enumerate(is_match):
+        rows.append((7, 2 + r % 5) if match else (0 if r == 0 else 100 + r, 2 + r % 5))
+        if r == 0:
+            rows.append((7, 1))  # the query's person in the query's own camera: junk
+    scores = np.linspace(0.95, 0.05, len(rows))
+    return {
+        "query_features": np.array([[1.0, 0.0]]),
+        "query_pids": np.array([7]),
+        "query_cams": np.array([1]),
+        "gallery_features": np.stack([scores, np.sqrt(1 - scores**2)], axis=1),
+        "gallery_pids": np.array([pid for pid, _ in rows]),
+        "gallery_cams": np.array([cam for _, cam in rows]),
+    }
+
+
+def _library_ap(is_match: Sequence[bool], convention: str = "market") -> float:
+    from reid_utils.metrics import evaluate
+
+    return float(evaluate(**ranking_case(is_match), ap=convention).mAP)
+
+
+def _ap_variant(is_match: Sequence[bool], variant: str) -> float | None:
+    """The typical wrong answers, to say which one a result matches (None where a variant divides by zero)."""
+    hits = [r for r, match in enumerate(is_match) if match]
+    terms = []
+    for i, r in enumerate(hits, start=1):
+        if variant == "one-based":  # r taken as the 1-based position in formulas written for 0-based ranks
+            terms.append(((i - 1) / (r + 1) + i / (r + 2)) / 2)
+        elif variant == "before-zero-at-top":  # the precision before a hit at rank 0 taken as 0 instead of 1
+            terms.append(((i - 1) / r if r else 0.0) / 2 + i / (r + 1) / 2)
+        else:
+            terms.append(((i - 1) / r if r else 1.0) / 2 + i / (r + 1) / 2)
+    if variant == "not-divided":
+        return sum(terms)
+    return sum(terms) / len(hits)
+
+
+_AP_HINTS = (
+    ("step", "that is the step AP (mean of the precisions at the hits); the Market-1501 AP averages, at each hit, "
+             "the precision just before it, (i-1)/r, with the precision at it, i/(r+1)"),
+    ("not-divided", "you added the per-hit terms but did not divide by the number of hits"),
+    ("one-based", "off by one in the rank: r is 0-based, the top of the list is r = 0 with precision i/(r+1) = 1"),
+    ("before-zero-at-top", "for a hit at r = 0 the precision before it is 1 by convention, not 0"),
+)  # fmt: skip
+
+
+def _judge_ap(is_match: tuple[bool, ...], outcome: Any) -> str | None:
+    expected = _library_ap(is_match)
+    call = f"average_precision({list(is_match)})"
+    if isinstance(outcome, _Raised):
+        why = ""
+        if isinstance(outcome.error, ZeroDivisionError):
+            why = " — ranks are 0-based here: for a hit at r = 0 the precision before it is 1, and at it 1/(0+1)"
+        return f"{call} should return {expected:.4f}, but {_shown(outcome)}{why}"
+    if not _is_real(outcome):
+        return f"{call} should return the float {expected:.4f}, got {_shown(outcome)}"
+    if math.isclose(outcome, expected, rel_tol=0, abs_tol=1e-6):
+        return None
+    why = ""
+    for variant, hint in _AP_HINTS:
+        value = _library_ap(is_match, "step") if variant == "step" else _ap_variant(is_match, variant)
+        if math.isclose(outcome, value, rel_tol=0, abs_tol=1e-6):
+            why = f" — {hint}"
+            break
+    return f"{call} should return {expected:.4f}, got {_shown(float(outcome))}{why}"
+
+
+def check_average_precision(fn: Callable[[list[bool]], float]) -> bool:
+    """Notebook 04: ``average_precision(is_match)``, Market-1501 convention, against ``metrics.evaluate``."""
+    return _run("average_precision", fn, AVERAGE_PRECISION_CASES, lambda f, case: f(list(case)), _judge_ap)
+
+
+# --------------------------------------------------------------------------- 05 · k_reciprocal
+
+# (kind, n, i, k); each kind is a symmetric distance matrix with zeros on the diagonal.
+K_RECIPROCAL_CASES = (
+    ("points", 6, 0, 1),
+    ("points", 8, 3, 3),
+    ("points", 10, 7, 4),
+    ("uniform", 12, 5, 5),
+    ("uniform", 7, 2, 7),
+    ("ties", 9, 4, 3),
+    ("points", 15, 14, 6),
+    ("uniform", 20, 0, 8),
+)
+
+
+def distance_matrix(kind: str, n: int) -> np.ndarray:
+    """A fixed symmetric (n, n) distance matrix, zero on the diagonal and positive elsewhere.
+
+    ``points``: Euclidean distances of random points; ``uniform``: random symmetric values; ``ties``: the
+    values 1, 2 and 3 only, so that a stable sort (ties by index) matters.
+    """
+    rng = np.random.default_rng(n)
+    if kind == "points":
+        x = rng.standard_normal((n, 4))
+        dist = np.linalg.norm(x[:, None] - x[None], axis=-1)
+    else:
+        raw = rng.uniform(0.1, 1.0, (n, n)) if kind == "uniform" else rng.integers(1, 4, (n, n)).astype(float)
+        dist = np.triu(raw, 1) + np.triu(raw, 1).T
+    np.fill_diagonal(dist, 0.0)
+    return dist
+
+
+def reference_k_reciprocal(dist: np.ndarray, i: int, k: int) -> set[int]:
+    """j with j among the k nearest of i and i among the k nearest of j; a row's own index comes first."""
+
+    def nearest(row: int) -> list[int]:
+        return [int(j) for j in np.argsort(dist[row], kind="stable")[:k]]
+
+    return {j for j in nearest(i) if i in nearest(j)}
+
+
+def _judge_k_reciprocal(case: tuple[str, int, int, int], outcome: Any) -> str | None:
+    kind, n, i, k = case
+    dist = distance_matrix(kind, n)
+    expected = reference_k_reciprocal(dist, i, k)
+    call = f"k_reciprocal(distance_matrix({kind!r}, {n}), i={i}, k={k})"  # importable, to rebuild the case
+    if isinstance(outcome, _Raised):
+        return f"{call} should return {_shown(expected)}, but {_shown(outcome)}"
+    if not isinstance(outcome, set | frozenset):
+        return f"{call} should return the set {_shown(expected)}, got {type(outcome).__name__} {_shown(outcome)}"
+    if outcome == expected:
+        return None
+    forward = {int(j) for j in np.argsort(dist[i], kind="stable")[:k]}
+    if outcome == expected - {i}:
+        why = "i itself belongs to the set: it is its own nearest neighbour (distance 0), among the k nearest of i"
+    elif outcome == forward:
+        why = "that is every j among the k nearest of i; keep only those that also have i among their k nearest"
+    elif outcome == reference_k_reciprocal(dist, i, k + 1):
+        why = "that uses k + 1 nearest; the k nearest of a row include the row itself"
+    elif k > 1 and outcome == reference_k_reciprocal(dist, i, k - 1):
+        why = "that uses k - 1 nearest; the k nearest of a row include the row itself"
+    elif kind == "ties":
+        why = "this matrix has equal distances: break ties by index, np.argsort(dist[row], kind='stable')"
+    else:
+        why = ""
+    why = f" — {why}" if why else ""
+    return f"{call} should return {_shown(expected)}, got {_shown(outcome)}{why}"
+
+
+def _call_k_reciprocal(fn: Callable, case: tuple[str, int, int, int]) -> Any:
+    kind, n, i, k = case
+    return fn(distance_matrix(kind, n), i, k)  # a fresh matrix: the learner may change it in place
+
+
+def check_k_reciprocal(fn: Callable[[np.ndarray, int, int], set[int]]) -> bool:
+    """Notebook 05: ``k_reciprocal(dist, i, k)`` against a plain reference on fixed random distance matrices."""
+    return _run("k_reciprocal", fn, K_RECIPROCAL_CASES, _call_k_reciprocal, _judge_k_reciprocal)
+
+
+# --------------------------------------------------------------------------- 06 · smoothed_target
+
+SMOOTHED_TARGET_CASES = (
+    (4, 0, 0.0),
+    (4, 2, 0.1),
+    (10, 9, 0.1),
+    (751, 17, 0.1),
+    (3, 1, 0.3),
+)
+
+
+def _library_smoothed_loss(num_classes: int, true_class: int, eps: float, logits: torch.Tensor) -> float:
+    """The truth, from PyTorch itself: cross-entropy with ``label_smoothing``."""
+    return nn.functional.cross_entropy(logits, torch.tensor([true_class]), label_smoothing=eps).item()
+
+
+def _judge_smoothed(case: tuple[int, int, float], outcome: Any) -> str | None:
+    num_classes, true_class, eps = case
+    call = f"smoothed_target(num_classes={num_classes}, true_class={true_class}, eps={eps})"
+    if isinstance(outcome, _Raised):
+        return f"{call} should return {num_classes} probabilities, but {_shown(outcome)}"
+    try:
+        target = torch.as_tensor(np.asarray(outcome, dtype=np.float64), dtype=torch.float64).reshape(-1)
+    except (TypeError, ValueError):
+        return f"{call} should return a list of {num_classes} floats, got {_shown(outcome)}"
+    if target.numel() != num_classes:
+        return f"{call} should return {num_classes} values (one per class), got {target.numel()}"
+    if abs(target.sum().item() - 1) > 1e-6:
+        return f"{call} should return probabilities that sum to 1, yours sum to {target.sum().item():.4f}"
+    generator = torch.Generator().manual_seed(num_classes)
+    logits = torch.randn(1, num_classes, generator=generator, dtype=torch.float64)
+    yours = -(target * nn.functional.log_softmax(logits, dim=1)[0]).sum().item()
+    if abs(yours - _library_smoothed_loss(num_classes, true_class, eps, logits)) < 1e-6:
+        return None
+    wrong_mass = eps / (num_classes - 1)
+    if abs(target[(true_class + 1) % num_classes].item() - wrong_mass) < 1e-9:
+        why = "PyTorch spreads eps over *all* classes (eps/C each, the true one included), not over the C-1 others"
+    elif abs(target[true_class].item() - (1 - eps)) < 1e-9:
+        why = "the true class gets 1 - eps *plus* its share eps/C"
+    else:
+        why = "the target is (1 - eps) on the true class plus eps/C on every class"
+    return f"{call} should give the loss of nn.CrossEntropyLoss(label_smoothing={eps}), yours differs — {why}"
+
+
+def check_smoothed_target(fn: Callable[[int, int, float], list[float]]) -> bool:
+    """Notebook 06: ``smoothed_target(num_classes, true_class, eps)``, the target label smoothing trains towards."""
+    return _run("smoothed_target", fn, SMOOTHED_TARGET_CASES, lambda f, case: f(*case), _judge_smoothed)

@@ -1,0 +1,433 @@
+"""The classroom layer: notebook exercises, their checkers, and the student copy without the solutions.
+
+Each checker must accept the solution committed in its notebook (read from the ``solution``-tagged cell, so this
+also proves the notebook holds a working one), reject the typical wrong answers with a hint that names the
+problem, and turn every learner error into one ``✗ not yet:`` line. ``python -m reid_utils.student`` must strip
+the solutions, clear the outputs, and leave notebooks that still run.
+"""
+
+import ast
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from reid_utils import exercises
+from reid_utils.exercises import NOT_YET, STILL_A_STUB
+from reid_utils.series import execute, notebook_paths
+from reid_utils.student import SOLUTION_TAG, main, stub_source
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+
+# notebook prefix -> (function the learner writes, its checker)
+EXERCISES = {
+    "01": ("parse_name", exercises.check_parse_name),
+    "02": ("classblock_parameters", exercises.check_classblock_parameters),
+    "03": ("should_skip", exercises.check_should_skip),
+    "04": ("average_precision", exercises.check_average_precision),
+    "05": ("k_reciprocal", exercises.check_k_reciprocal),
+    "06": ("smoothed_target", exercises.check_smoothed_target),
+}
+CHECKERS = {name: check for name, check in EXERCISES.values()}
+CASES = {
+    "parse_name": exercises.PARSE_NAME_CASES,
+    "classblock_parameters": exercises.CLASSBLOCK_CASES,
+    "should_skip": exercises.SHOULD_SKIP_CASES,
+    "average_precision": exercises.AVERAGE_PRECISION_CASES,
+    "k_reciprocal": exercises.K_RECIPROCAL_CASES,
+    "smoothed_target": exercises.SMOOTHED_TARGET_CASES,
+}
+
+
+def notebook(prefix: str, folder: Path = NOTEBOOKS):
+    (path,) = folder.glob(f"{prefix}_*.ipynb")
+    return nbformat.read(path, as_version=4)
+
+
+def solution_cells(nb) -> list:
+    return [cell for cell in nb.cells if SOLUTION_TAG in cell.metadata.get("tags", [])]
+
+
+def load(source: str, name: str):
+    """Run a cell's source in a fresh namespace and return the function it defines."""
+    namespace: dict = {}
+    exec(compile(source, f"<{name}>", "exec"), namespace)
+    return namespace[name]
+
+
+def one_line(capsys) -> str:
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.endswith("\n"), f"a checker prints exactly one line, got {out!r}"
+    return out.rstrip("\n")
+
+
+# --------------------------------------------------------------------------- the notebooks hold the exercises
+
+
+@pytest.mark.parametrize("prefix", EXERCISES)
+def test_exercise_sits_before_quick_questions_as_task_solution_check(prefix):
+    name, check = EXERCISES[prefix]
+    nb = notebook(prefix)
+    (solution,) = solution_cells(nb)
+    at = nb.cells.index(solution)
+    task, checker, after = nb.cells[at - 1], nb.cells[at + 1], nb.cells[at + 2]
+    assert task.cell_type == "markdown" and task.source.startswith("## Exercise") and f"`{name}(" in task.source
+    assert checker.cell_type == "code" and f"{check.__name__}({name})" in checker.source
+    assert after.cell_type == "markdown" and after.source.strip() == "## Quick questions"
+    assert [o.get("text") for o in checker.outputs] == [f"✓ {name}: all {len(CASES[name])} cases pass\n"]
+
+
+@pytest.mark.parametrize("prefix", EXERCISES)
+def test_checker_accepts_the_solution_committed_in_the_notebook(prefix, capsys):
+    name, check = EXERCISES[prefix]
+    (solution,) = solution_cells(notebook(prefix))
+    assert check(load(solution.source, name)) is True
+    assert one_line(capsys) == f"✓ {name}: all {len(CASES[name])} cases pass"
+
+
+# --------------------------------------------------------------------------- typical mistakes get a named hint
+
+
+def _parse_four_digit_pid(filename):
+    match = re.fullmatch(r"(\d{4})_c(\d)s\d_\d{6}_\d{2}\.jpg", Path(filename).name)
+    if match is None:
+        raise ValueError(filename)
+    return int(match[1]), int(match[2])
+
+
+def _parse_whole_path(filename):
+    parts = filename.split("_")
+    return int(parts[0]), int(parts[1][1])
+
+
+def _parse_without_check(filename):
+    parts = Path(filename).name.split("_")
+    return int(parts[0]), int(parts[1][1])
+
+
+def _hits(is_match):
+    return list(enumerate((r for r, match in enumerate(is_match) if match), start=1))
+
+
+def _ap_step(is_match):
+    hits = _hits(is_match)
+    return sum(i / (r + 1) for i, r in hits) / len(hits)
+
+
+def _ap_not_divided(is_match):
+    return sum((((i - 1) / r if r else 1.0) + i / (r + 1)) / 2 for i, r in _hits(is_match))
+
+
+def _ap_one_based(is_match):
+    hits = [(i, r + 1) for i, r in _hits(is_match)]  # 1-based positions in the 0-based formulas
+    return sum(((i - 1) / r + i / (r + 1)) / 2 for i, r in hits) / len(hits)
+
+
+def _ap_no_special_case(is_match):
+    hits = _hits(is_match)
+    return sum(((i - 1) / r + i / (r + 1)) / 2 for i, r in hits) / len(hits)
+
+
+def _nearest(dist, row, k):
+    return {int(j) for j in np.argsort(dist[row], kind="stable")[:k]}
+
+
+def _nearest_only(dist, i, k):
+    return _nearest(dist, i, k)
+
+
+WRONG_ANSWERS = [
+    # (checker, plausible wrong answer, what the hint must say)
+    ("parse_name", _parse_four_digit_pid, "junk boxes have the pid -1"),
+    ("parse_name", _parse_whole_path, "without its folders"),
+    ("parse_name", _parse_without_check, "should raise ValueError"),
+    ("parse_name", lambda f: tuple(Path(f).name.split("_")[0:2]), "convert the parts to int"),
+    ("parse_name", lambda f: _parse_four_digit_pid(f)[::-1], "the order is (pid, camera)"),
+    ("classblock_parameters", lambda i, n, c: i * n + n + 4 * n + n * c + c, "running_var are buffers"),
+    ("classblock_parameters", lambda i, n, c: i * n + n + 4 * n + 1 + n * c + c, "num_batches_tracked are buffers"),
+    ("classblock_parameters", lambda i, n, c: i * n + 2 * n + n * c, "both Linear layers have a bias"),
+    ("classblock_parameters", lambda i, n, c: i * n + n + n * c + c, "BatchNorm1d has a weight and a bias"),
+    ("classblock_parameters", lambda i, n, c: float(i * n + 3 * n + n * c + c), "a count is an int"),
+    ("should_skip", lambda b, s, phase: b < s, "only the train phase skips"),
+    ("should_skip", lambda b, s, phase: phase == "train" and b <= s, "a full batch is always used"),
+    ("should_skip", lambda b, s, phase: False, "a short training batch is skipped"),
+    ("should_skip", lambda b, s, phase: "yes" if b < s else "", "return True or False"),
+    ("average_precision", _ap_step, "that is the step AP"),
+    ("average_precision", _ap_not_divided, "did not divide by the number of hits"),
+    ("average_precision", _ap_one_based, "off by one in the rank"),
+    ("average_precision", _ap_no_special_case, "ZeroDivisionError"),
+    ("k_reciprocal", lambda d, i, k: {j for j in _nearest(d, i, k) if i in _nearest(d, j, k)} - {i}, "i itself"),
+    ("k_reciprocal", lambda d, i, k: _nearest_only(d, i, k), "keep only those that also have i among their k nearest"),
+    ("k_reciprocal", lambda d, i, k: {j for j in _nearest(d, i, k + 1) if i in _nearest(d, j, k + 1)}, "k + 1"),
+    ("k_reciprocal", lambda d, i, k: sorted(j for j in _nearest(d, i, k) if i in _nearest(d, j, k)), "the set"),
+    ("smoothed_target", lambda c, t, e: [1 - e if i == t else e / (c - 1) for i in range(c)], "over *all* classes"),
+    ("smoothed_target", lambda c, t, e: [1.0 - e if i == t else e / c for i in range(c)], "sum to 1"),
+    ("smoothed_target", lambda c, t, e: [1.0 * (i == t) for i in range(c - 1)], "one per class"),
+]
+
+
+@pytest.mark.parametrize(("name", "wrong", "hint"), WRONG_ANSWERS, ids=[f"{n}-{h[:30]}" for n, _, h in WRONG_ANSWERS])
+def test_checker_rejects_a_typical_mistake_and_names_it(name, wrong, hint, capsys):
+    assert CHECKERS[name](wrong) is False
+    line = one_line(capsys)
+    assert line.startswith(f"{NOT_YET} {name}("), line  # names the failing call ...
+    assert "should" in line and hint in line, line  # ... what was expected, and the mistake
+
+
+def _raises_key_error(*args):
+    return {}["missing"]
+
+
+@pytest.mark.parametrize("name", CHECKERS)
+def test_learner_errors_become_one_line_never_a_traceback(name, capsys):
+    check = CHECKERS[name]
+
+    def stub(*args):
+        raise NotImplementedError
+
+    assert check(stub) is False
+    assert one_line(capsys) == STILL_A_STUB
+    assert check(_raises_key_error) is False
+    line = one_line(capsys)
+    assert line.startswith(f"{NOT_YET} {name}(") and "raised KeyError: 'missing'" in line
+    assert check(lambda *args: None) is False
+    line = one_line(capsys)
+    assert line.startswith(f"{NOT_YET} {name}(") and line.endswith("None") or "got None" in line, line
+    assert check(name) is False  # the name instead of the function
+    assert one_line(capsys) == f"{NOT_YET} pass the function itself, e.g. check_{name}({name}), not str {name!r}"
+
+
+def test_checkers_leave_the_random_state_alone_and_print_the_same_line_twice(capsys):
+    solution = load(solution_cells(notebook("02"))[0].source, "classblock_parameters")
+    state = torch.random.get_rng_state()
+    wrong = _nearest_only  # a wrong answer, so the hint's path runs too
+    lines = []
+    for _ in range(2):
+        exercises.check_classblock_parameters(solution)
+        exercises.check_k_reciprocal(wrong)
+        lines.append(capsys.readouterr().out)
+    assert lines[0] == lines[1]
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+# --------------------------------------------------------------------------- the checkers' truths
+
+
+def test_skip_rule_is_the_rule_of_run_epoch_phase():
+    """The checker's copy of the rule against the training loop itself, one short batch after a full one."""
+    from reid_utils.train import run_epoch_phase
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 3)
+
+        def forward(self, x, with_features=False, **_):
+            logits = self.fc(x)
+            return (logits, x) if with_features else logits
+
+    def skipped(batch_images, batch_size, phase):
+        model = Tiny()
+        loader = [(torch.zeros(n, 2), torch.zeros(n, dtype=torch.long)) for n in (batch_size, batch_images)]
+        *_, count = run_epoch_phase(
+            model=model, loader=loader, phase=phase, device=torch.device("cpu"),
+            criterion=lambda outputs, labels, *rest: nn.functional.cross_entropy(outputs, labels),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.0), opts=type("Opts", (), {"batchsize": batch_size}),
+            state={"warm_up": 1.0, "warm_iterations": 1}, scaler=torch.amp.GradScaler("cpu", enabled=False),
+            use_amp=False, progress=None,
+        )  # fmt: skip
+        return count == 1
+
+    for case in exercises.SHOULD_SKIP_CASES:
+        assert exercises.skip_rule(*case) == skipped(*case), case
+    assert {exercises.skip_rule(*case) for case in exercises.SHOULD_SKIP_CASES} == {True, False}
+
+
+@pytest.mark.parametrize("is_match", exercises.AVERAGE_PRECISION_CASES)
+def test_average_precision_cases_rank_exactly_as_given(is_match):
+    from reid_utils.metrics import rank_gallery
+
+    case = exercises.ranking_case(is_match)
+    assert (case["gallery_pids"] == -1).any() and ((case["gallery_pids"] == 7) & (case["gallery_cams"] == 1)).any()
+    ranked = rank_gallery(case["query_features"][0], 7, 1, *(case[k] for k in ("gallery_features", "gallery_pids",
+                                                                              "gallery_cams")))  # fmt: skip
+    assert ranked.is_match.tolist() == list(is_match)
+
+
+def test_k_reciprocal_matrices_are_distance_matrices_and_the_cases_tell_mistakes_apart():
+    forward_differs = False
+    for kind, n, i, k in exercises.K_RECIPROCAL_CASES:
+        dist = exercises.distance_matrix(kind, n)
+        assert dist.shape == (n, n) and np.array_equal(dist, dist.T) and not np.diag(dist).any()
+        assert (dist[~np.eye(n, dtype=bool)] > 0).all()
+        assert i in exercises.reference_k_reciprocal(dist, i, k)
+        forward_differs |= exercises.reference_k_reciprocal(dist, i, k) != _nearest(dist, i, k)
+    assert forward_differs
+    ties = exercises.distance_matrix("ties", 9)
+    assert len(np.unique(ties)) == 4  # 0, 1, 2, 3: the stable order matters
+
+
+# --------------------------------------------------------------------------- the student copy
+
+
+def test_stub_keeps_imports_headers_and_docstrings_only():
+    source = '''import re
+from pathlib import Path
+
+PATTERN = re.compile("x")
+
+
+@staticmethod
+def f(
+    a: int,
+    b: str = ":",
+) -> int:  # a comment
+    """Doc: with a colon."""
+    # a hint that belongs to the solution
+    return a
+
+
+def g(x): return x
+'''
+    expected = '''import re
+from pathlib import Path
+
+
+@staticmethod
+def f(
+    a: int,
+    b: str = ":",
+) -> int:
+    """Doc: with a colon."""
+    # your code here
+    raise NotImplementedError
+
+
+def g(x):
+    # your code here
+    raise NotImplementedError'''
+    assert stub_source(source) == expected
+    assert stub_source("x = 1") == "# your code here\nraise NotImplementedError"
+
+
+@pytest.fixture(scope="module")
+def student_copy(tmp_path_factory):
+    out = tmp_path_factory.mktemp("student") / "copy"
+    assert main(["--out", str(out)]) == 0
+    return out
+
+
+def test_student_copy_has_every_notebook_with_solutions_stubbed_and_outputs_cleared(student_copy):
+    originals = notebook_paths(NOTEBOOKS)
+    assert sorted(p.name for p in student_copy.iterdir()) == [p.name for p in originals]
+    for path in originals:
+        original = nbformat.read(path, as_version=4)
+        copy = nbformat.read(student_copy / path.name, as_version=4)
+        nbformat.validate(copy)
+        assert "widgets" not in copy.metadata
+        for before, after in zip(original.cells, copy.cells, strict=True):
+            assert "execution" not in after.metadata
+            if after.cell_type == "code":
+                assert after.outputs == [] and after.execution_count is None, path.name
+            if SOLUTION_TAG not in before.metadata.get("tags", []):
+                assert after.source == before.source
+                continue
+            defs = {n.name: n for n in ast.parse(before.source).body if isinstance(n, ast.FunctionDef)}
+            stubs = {n.name: n for n in ast.parse(after.source).body if isinstance(n, ast.FunctionDef)}
+            assert defs.keys() == stubs.keys() and defs
+            for name, stub in stubs.items():
+                assert ast.get_docstring(stub) == ast.get_docstring(defs[name]) and ast.get_docstring(stub)
+                assert ast.dump(stub.args) == ast.dump(defs[name].args)
+                assert isinstance(stub.body[-1], ast.Raise) and len(stub.body) == 2  # docstring, raise
+            assert "# your code here" in after.source and "return" not in after.source
+
+
+@pytest.mark.parametrize("prefix", EXERCISES)
+def test_student_stubs_make_the_checker_say_write_the_body(student_copy, prefix, capsys):
+    name, check = EXERCISES[prefix]
+    (stub,) = solution_cells(notebook(prefix, student_copy))
+    assert check(load(stub.source, name)) is False
+    assert one_line(capsys) == STILL_A_STUB
+
+
+def test_student_notebook_01_runs_top_to_bottom_and_says_not_yet(student_copy):
+    executed = execute(next(student_copy.glob("01_*.ipynb")))  # as python -m reid_utils.series runs it
+    (stub,) = solution_cells(executed)
+    checker = executed.cells[executed.cells.index(stub) + 1]
+    assert [o.get("text") for o in checker.outputs] == [STILL_A_STUB + "\n"]
+    assert not [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+
+
+def test_student_copy_replaces_an_earlier_copy_in_one_step(tmp_path, monkeypatch, capsys):
+    import reid_utils.student as student
+
+    out = tmp_path / "student"
+    out.mkdir()
+    (out / "99_stale.ipynb").write_text("{}")
+    assert main(["--out", str(out)]) == 0
+    assert not (out / "99_stale.ipynb").exists() and (out / "01_data_preparation.ipynb").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]  # no temporary folders left
+    assert "outputs cleared" in capsys.readouterr().out
+
+    calls, original = [], student.student_notebook
+
+    def fails_on_the_third(nb):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("disk full")
+        return original(nb)
+
+    monkeypatch.setattr(student, "student_notebook", fails_on_the_third)
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
+    with pytest.raises(RuntimeError, match="disk full"):
+        main(["--out", str(out)])
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before  # the old copy, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]
+    with pytest.raises(RuntimeError):
+        calls.clear()
+        main(["--out", str(tmp_path / "fresh")])
+    assert not (tmp_path / "fresh").exists()  # never half written
+
+
+def test_student_refuses_bad_output_folders(tmp_path, capsys):
+    cases = {
+        str(NOTEBOOKS): "would replace the notebooks",
+        str(ROOT): "would replace the notebooks",
+        str(NOTEBOOKS / "student"): "inside",
+    }
+    (tmp_path / "a_file").write_text("x")
+    cases[str(tmp_path / "a_file")] = "is a file"
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "notes.txt").write_text("mine")
+    cases[str(tmp_path / "mixed")] = "other things than notebooks (notes.txt)"
+    for out, message in cases.items():
+        assert main(["--out", out]) == 2, out
+        err = capsys.readouterr().err
+        assert err.startswith("student: error: --out") and message in err, err
+    assert (tmp_path / "mixed" / "notes.txt").read_text() == "mine"
+    assert not (NOTEBOOKS / "student").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--bogus"])
+    assert exit_info.value.code == 2
+
+
+def test_student_command_line_exit_code(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "reid_utils.student", "--out", "notebooks"], cwd=ROOT,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2 and "would replace the notebooks" in done.stderr and not done.stdout
+
+
+def test_my_files_are_lint_clean():
+    ruff = shutil.which("ruff") or pytest.fail("ruff is not installed: pip install -e '.[dev]'")
+    files = ["reid_utils/exercises.py", "reid_utils/student.py", "tests/test_exercises.py"]
+    for command in ([ruff, "check", *files], [ruff, "format", "--check", *files]):
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
