@@ -452,7 +452,9 @@ def _judge_smoothed(case: tuple[int, int, float], outcome: Any) -> str | None:
     if isinstance(outcome, _Raised):
         return f"{call} should return {num_classes} probabilities, but {_shown(outcome)}"
     try:
-        target = torch.as_tensor(np.asarray(outcome, dtype=np.float64), dtype=torch.float64).reshape(-1)
+        if np.ndim(outcome) != 1:
+            raise TypeError
+        target = torch.as_tensor(np.asarray(outcome, dtype=np.float64), dtype=torch.float64)
     except (TypeError, ValueError):
         return f"{call} should return a list of {num_classes} floats, got {_shown(outcome)}"
     if target.numel() != num_classes:
