@@ -45,12 +45,42 @@ def execute(path: Path, timeout: int = 900):
     return notebook
 
 
+def export_html(notebook, target: Path) -> None:
+    """One static page per notebook, outputs included, for students without Jupyter."""
+    from nbconvert import HTMLExporter
+
+    html, _ = HTMLExporter().from_notebook_node(notebook)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(html, encoding="utf-8")
+
+
+def write_index(paths: list[Path], target: Path) -> None:
+    """A contents page linking the notebook pages, titled with each notebook's first heading."""
+    import html
+
+    import nbformat
+
+    items = []
+    for path in paths:
+        first = nbformat.read(path, as_version=4).cells[0].source.splitlines()[0].lstrip("# ")
+        items.append(f'<li><a href="{path.with_suffix(".html").name}">{html.escape(first)}</a></li>')
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(
+        "<!doctype html><meta charset='utf-8'><title>Person re-ID in plain PyTorch</title>"
+        "<h1>Person re-identification in plain PyTorch</h1><ol>" + "".join(items) + "</ol>",
+        encoding="utf-8",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reid_utils.series", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="build", help="where executed notebooks go (default build/)")
     parser.add_argument("--inplace", action="store_true", help="overwrite notebooks/ with executed copies")
     parser.add_argument("--html", action="store_true", help="also export each executed notebook as HTML")
     parser.add_argument("--only", nargs="*", help="notebook number prefixes to run, e.g. --only 01 03")
+    parser.add_argument(
+        "--no_execute", action="store_true", help="use the committed outputs as they are (with --html: fast export)"
+    )
     args = parser.parse_args(argv)
 
     import nbformat
@@ -60,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         print(f"series: error: no notebooks match in {folder}.", file=sys.stderr)
         return 2
+    if args.inplace and args.no_execute:
+        print("series: error: --inplace and --no_execute together would change nothing.", file=sys.stderr)
+        return 2
     if args.inplace:
         os.environ.update(TEST_ENVIRONMENT)
         os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="torch-home-")  # an empty weight cache
@@ -67,20 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     total = 0.0
     for path in paths:
         started = time.perf_counter()
-        notebook = execute(path)
+        notebook = nbformat.read(path, as_version=4) if args.no_execute else execute(path)
         seconds = time.perf_counter() - started
         total += seconds
         target = path if args.inplace else out / "notebooks" / path.name
         target.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(notebook, target)
         if args.html:
-            from nbconvert import HTMLExporter
-
-            html, _ = HTMLExporter().from_notebook_node(notebook)
-            (out / "html").mkdir(parents=True, exist_ok=True)
-            (out / "html" / path.with_suffix(".html").name).write_text(html, encoding="utf-8")
+            export_html(notebook, out / "html" / path.with_suffix(".html").name)
         print(f"{path.name:<40} {seconds:6.1f} s -> {target}")
     print(f"{'all notebooks':<40} {total:6.1f} s")
+    if args.html:
+        write_index(paths, out / "html" / "index.html")
+        print(f"HTML pages: {out / 'html' / 'index.html'}")
     return 0
 
 
