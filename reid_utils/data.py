@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from PIL import Image
 from torchvision import datasets, transforms
 
 # ImageNet statistics: the backbone was pre-trained on images normalised this way.
@@ -205,6 +206,42 @@ def denormalise(images: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- datasets and loaders
 
 
+class CorruptImageError(ValueError):
+    """An image file that PIL cannot decode (truncated download, disk error, not an image)."""
+
+
+def read_image(path: str) -> Image.Image:
+    """``ImageFolder``'s loader, but a broken file is named in the error instead of failing deep in PIL."""
+    try:
+        with open(path, "rb") as file:
+            image = Image.open(file)
+            return image.convert("RGB")  # convert() decodes the whole image: truncation shows up here
+    except (OSError, SyntaxError, ValueError) as err:
+        raise CorruptImageError(
+            f"{path} cannot be read as an image ({err}). Delete or replace it, or pass --skip_corrupt "
+            f"to leave unreadable files out."
+        ) from None
+
+
+def image_folder(folder: str | os.PathLike, transform, skip_corrupt: bool = False) -> datasets.ImageFolder:
+    """``ImageFolder`` with ``read_image``; ``skip_corrupt`` decodes every file once and drops broken ones."""
+    dataset = datasets.ImageFolder(str(folder), transform, loader=read_image)
+    if skip_corrupt:
+        broken = []
+        for path, _ in dataset.samples:
+            try:
+                read_image(path)
+            except CorruptImageError:
+                broken.append(path)
+        if broken:
+            keep = [(path, target) for path, target in dataset.samples if path not in set(broken)]
+            dataset.samples = dataset.imgs = keep
+            dataset.targets = [target for _, target in keep]
+            names = ", ".join(Path(p).name for p in broken[:3]) + (" ..." if len(broken) > 3 else "")
+            print(f"Skipped {len(broken)} unreadable image(s) in {display_path(folder)}: {names}")
+    return dataset
+
+
 def default_num_workers() -> int:
     """Worker processes for DataLoaders: none on small machines, where they cost more than they save.
 
@@ -226,13 +263,15 @@ def build_dataloaders(
     num_workers: int | None = None,
     seed: int = 0,
     instances: int = 0,
+    skip_corrupt: bool = False,
 ) -> tuple[dict[str, torch.utils.data.DataLoader], dict[str, int], list[str]]:
     """``ImageFolder`` datasets and loaders for the ``train`` and ``val`` phases, as in the classic ``train.py``.
 
     With ``train_all`` the training phase reads ``train_all/`` (every training image);
     the validation images are then also seen in training, so val accuracy is optimistic.
     ``instances`` K > 0 samples training batches of ``batch_size // K`` identities x K images
-    (the P x K sampling a triplet loss needs) instead of shuffling images.
+    (the P x K sampling a triplet loss needs) instead of shuffling images. ``skip_corrupt`` leaves
+    unreadable images out (with a notice) instead of stopping at the first one.
     Returns the loaders, ``dataset_sizes`` and the class names (the person ids).
     """
     data_dir = Path(data_dir)
@@ -245,8 +284,8 @@ def build_dataloaders(
             )
     tfs = build_transforms(height, width, erasing_p, color_jitter)
     image_datasets = {
-        "train": datasets.ImageFolder(str(data_dir / train_folder), tfs["train"]),
-        "val": datasets.ImageFolder(str(data_dir / "val"), tfs["val"]),
+        "train": image_folder(data_dir / train_folder, tfs["train"], skip_corrupt),
+        "val": image_folder(data_dir / "val", tfs["val"], skip_corrupt),
     }
     if image_datasets["train"].classes != image_datasets["val"].classes:
         raise ValueError(f"{data_dir}: train and val hold different identities; run prepare again.")

@@ -223,3 +223,18 @@ def layer_shapes(model: ReIDNet, images: torch.Tensor) -> list[tuple[str, tuple[
         x = model.head.classifier(x)
         rows.append(("head.classifier", tuple(x.shape), count_parameters(model.head.classifier)))
     return rows
+
+
+def check_weights_fit(model: nn.Module, state: dict, source: str) -> None:
+    """Say in one line why saved weights do not fit a model, instead of torch's list of every key."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or reshaped:
+        example = (reshaped or missing or unexpected)[0]
+        raise ValueError(
+            f"{source} does not fit the model described by opts.yaml: {len(missing)} weights missing, "
+            f"{len(unexpected)} unexpected, {len(reshaped)} of another shape (e.g. {example}). "
+            f"Another backbone or number of identities? Train a new run or restore the run's own opts.yaml."
+        )

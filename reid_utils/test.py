@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torchvision import datasets
 
-from reid_utils.data import build_transforms, default_num_workers, display_path, parse_market_name
+from reid_utils.data import build_transforms, default_num_workers, display_path, image_folder, parse_market_name
 from reid_utils.metrics import Evaluation, evaluate
-from reid_utils.model import ReIDNet
+from reid_utils.model import ReIDNet, check_weights_fit
 from reid_utils.train import TrainError, TrainOptions, latest_checkpoint, load_options, select_device
 
 
@@ -43,7 +42,7 @@ def evaluation_loader(folder: str | os.PathLike, height: int, width: int, batch_
         raise FileNotFoundError(
             f"{folder} not found: pass --data_dir a prepared folder (python -m reid_utils.prepare makes one)."
         )
-    dataset = datasets.ImageFolder(str(folder), build_transforms(height, width)["val"])
+    dataset = image_folder(folder, build_transforms(height, width)["val"])
     workers = default_num_workers() if num_workers is None else num_workers
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
@@ -102,9 +101,10 @@ def load_trained_model(run: str | os.PathLike, device: torch.device | str = "cpu
     )  # fmt: skip
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)["model"]
     try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise TrainError(f"{checkpoint_path} does not fit the model described by opts.yaml: {err}") from None
+        check_weights_fit(model, state, str(checkpoint_path))
+    except ValueError as err:
+        raise TrainError(str(err)) from None
+    model.load_state_dict(state)
     return model.to(device).eval(), opts
 
 

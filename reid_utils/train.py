@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from reid_utils.data import build_dataloaders, display_path
-from reid_utils.model import BACKBONES, ReIDNet, parameter_groups
+from reid_utils.model import BACKBONES, ReIDNet, check_weights_fit, parameter_groups
 from reid_utils.visualize import TrainingCurves
 
 
@@ -67,6 +67,7 @@ class TrainOptions:
     triplet_weight: float = 0.0  # > 0 adds a batch-hard triplet loss and samples P identities x K images
     triplet_margin: float = 0.3
     instances: int = 4  # K, images per identity in a batch when the triplet loss is on
+    skip_corrupt: bool = False  # leave unreadable images out instead of stopping
     num_classes: int = 0  # filled in from the data
 
     def check(self) -> None:
@@ -307,7 +308,7 @@ def train(opts: TrainOptions, resume: bool = False, overwrite: bool = False, qui
     loaders, sizes, class_names = build_dataloaders(
         opts.data_dir, opts.batchsize, opts.train_all, opts.height, opts.width,
         opts.erasing_p, opts.color_jitter, opts.num_workers, opts.seed,
-        instances=opts.instances if opts.triplet_weight > 0 else 0,
+        instances=opts.instances if opts.triplet_weight > 0 else 0, skip_corrupt=opts.skip_corrupt,
     )  # fmt: skip
     if opts.num_classes not in (0, len(class_names)):
         raise TrainError(
@@ -332,6 +333,10 @@ def train(opts: TrainOptions, resume: bool = False, overwrite: bool = False, qui
     start_epoch = 0
     if resume:
         checkpoint = torch.load(existing, map_location=device, weights_only=False)
+        try:
+            check_weights_fit(_unwrap(model), checkpoint["model"], str(existing))
+        except ValueError as err:
+            raise TrainError(str(err)) from None
         _unwrap(model).load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -342,54 +347,46 @@ def train(opts: TrainOptions, resume: bool = False, overwrite: bool = False, qui
             print(f"Resuming {opts.name} from {existing.name} (epoch {start_epoch} of {opts.total_epoch}).")
     folder.mkdir(parents=True, exist_ok=True)
     save_options(opts)
-    curves = TrainingCurves(folder / "train.jpg")
+    curves = TrainingCurves(folder / "train.jpg", live=False if quiet else None)  # quiet: no live figure
     progress = None
     if not quiet:
         total = (opts.total_epoch - start_epoch) * (sizes["train"] + sizes["val"])
         progress = tqdm(total=total, unit="img", desc=opts.name, leave=True)
 
-    for epoch in range(start_epoch, opts.total_epoch):
-        started = time.perf_counter()
-        if hasattr(loaders["train"].sampler, "set_epoch"):
-            loaders["train"].sampler.set_epoch(epoch)  # the P x K sampler reshuffles per epoch, reproducibly
-        for phase in ("train", "val"):
-            loss, acc, _, skipped = run_epoch_phase(
-                model,
-                loaders[phase],
-                phase,
-                device,
-                criterion,
-                optimizer,
-                opts,
-                state,
-                scaler,
-                use_amp,
-                progress,
-            )
-            history[f"{phase}_loss"].append(loss)
-            history[f"{phase}_err"].append(1.0 - acc)
-            if phase == "train":
-                history["skipped"].append(skipped)
-        scheduler.step()
-        history["seconds"].append(time.perf_counter() - started)
+    try:
+        for epoch in range(start_epoch, opts.total_epoch):
+            started = time.perf_counter()
+            if hasattr(loaders["train"].sampler, "set_epoch"):
+                loaders["train"].sampler.set_epoch(epoch)  # the P x K sampler reshuffles per epoch, reproducibly
+            for phase in ("train", "val"):
+                loss, acc, _, skipped = run_epoch_phase(
+                    model, loaders[phase], phase, device, criterion, optimizer, opts, state, scaler, use_amp, progress
+                )  # fmt: skip
+                history[f"{phase}_loss"].append(loss)
+                history[f"{phase}_err"].append(1.0 - acc)
+                if phase == "train":
+                    history["skipped"].append(skipped)
+            scheduler.step()
+            history["seconds"].append(time.perf_counter() - started)
+            if progress is not None:
+                progress.set_postfix(epoch=epoch + 1, loss=f"{history['train_loss'][-1]:.3f}",
+                                     val_err=f"{history['val_err'][-1]:.3f}")  # fmt: skip
+            done = epoch + 1
+            if done % opts.save_every == 0 or done == opts.total_epoch:
+                checkpoint = {
+                    "epoch": done, "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "history": history, "state": state,
+                    "rng": {"torch": torch.get_rng_state(), "loader": loaders["train"].generator.get_state()},
+                    "options": asdict(opts),
+                }  # fmt: skip
+                if done % opts.save_every == 0:
+                    _atomic_save(checkpoint, folder / f"net_{done:03d}.pth")
+                if done == opts.total_epoch:
+                    _atomic_save(checkpoint, folder / "net_last.pth")
+                curves.update(history)
+    finally:
         if progress is not None:
-            progress.set_postfix(epoch=epoch + 1, loss=f"{history['train_loss'][-1]:.3f}",
-                                 val_err=f"{history['val_err'][-1]:.3f}")  # fmt: skip
-        done = epoch + 1
-        if done % opts.save_every == 0 or done == opts.total_epoch:
-            checkpoint = {
-                "epoch": done, "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "history": history, "state": state,
-                "rng": {"torch": torch.get_rng_state(), "loader": loaders["train"].generator.get_state()},
-                "options": asdict(opts),
-            }  # fmt: skip
-            if done % opts.save_every == 0:
-                _atomic_save(checkpoint, folder / f"net_{done:03d}.pth")
-            if done == opts.total_epoch:
-                _atomic_save(checkpoint, folder / "net_last.pth")
-            curves.update(history)
-    if progress is not None:
-        progress.close()
+            progress.close()  # also on errors and Ctrl-C: the message then starts on its own line
     history["curve_updates"] = curves.updates
     return history
 
@@ -428,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--triplet_weight", type=float, default=d.triplet_weight, help="> 0 adds a triplet loss")
     p.add_argument("--triplet_margin", type=float, default=d.triplet_margin)
     p.add_argument("--instances", type=int, default=d.instances, help="K images per identity (triplet)")
+    p.add_argument("--skip_corrupt", action="store_true", help="leave unreadable images out (with a notice)")
     p.add_argument("--no_pretrained", action="store_true", help="start from random weights")
     p.add_argument("--save_every", type=int, default=d.save_every, help="checkpoint + curves every N epochs")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -451,6 +449,11 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainError, FileNotFoundError, ValueError) as err:
         print(f"train: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        newest = latest_checkpoint(run_dir(opts)) if run_dir(opts).is_dir() else None
+        where = f"the newest checkpoint is {display_path(newest)}" if newest else "no checkpoint was written yet"
+        print(f"\ntrain: interrupted; {where}. Run the same command with --resume to continue.", file=sys.stderr)
+        return 130
     folder = run_dir(opts)
     if history["train_loss"]:
         print(
