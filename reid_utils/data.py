@@ -264,6 +264,7 @@ def build_dataloaders(
     seed: int = 0,
     instances: int = 0,
     skip_corrupt: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[dict[str, torch.utils.data.DataLoader], dict[str, int], list[str]]:
     """``ImageFolder`` datasets and loaders for the ``train`` and ``val`` phases, as in the classic ``train.py``.
 
@@ -271,7 +272,8 @@ def build_dataloaders(
     the validation images are then also seen in training, so val accuracy is optimistic.
     ``instances`` K > 0 samples training batches of ``batch_size // K`` identities x K images
     (the P x K sampling a triplet loss needs) instead of shuffling images. ``skip_corrupt`` leaves
-    unreadable images out (with a notice) instead of stopping at the first one.
+    unreadable images out (with a notice) instead of stopping at the first one. ``shard=(rank, world)``
+    gives each of ``world`` processes its own part of every training epoch (``DistributedSampler``).
     Returns the loaders, ``dataset_sizes`` and the class names (the person ids).
     """
     data_dir = Path(data_dir)
@@ -291,17 +293,22 @@ def build_dataloaders(
         raise ValueError(f"{data_dir}: train and val hold different identities; run prepare again.")
     workers = default_num_workers() if num_workers is None else num_workers
     generator = torch.Generator().manual_seed(seed)
-    pk_sampler = None
+    train_sampler = None
     if instances > 0:
         from reid_utils.samplers import PKSampler
 
-        pk_sampler = PKSampler(image_datasets["train"].targets, batch_size // instances, instances, seed=seed)
+        train_sampler = PKSampler(image_datasets["train"].targets, batch_size // instances, instances, seed=seed)
+    elif shard[1] > 1:
+        rank, world = shard
+        train_sampler = torch.utils.data.DistributedSampler(
+            image_datasets["train"], world, rank, shuffle=True, seed=seed
+        )
     loaders = {
         phase: torch.utils.data.DataLoader(
             image_datasets[phase],
             batch_size=batch_size,
-            shuffle=phase == "train" and pk_sampler is None,
-            sampler=pk_sampler if phase == "train" else None,
+            shuffle=phase == "train" and train_sampler is None,
+            sampler=train_sampler if phase == "train" else None,
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,

@@ -194,7 +194,7 @@ def parameter_groups(model: nn.Module, lr: float) -> list[dict]:
     The backbone already knows useful features, so big steps would mostly destroy them;
     the new layers start from scratch and need to move fast.
     """
-    net = model.module if isinstance(model, nn.DataParallel) else model
+    net = getattr(model, "module", model)  # inside DataParallel / DistributedDataParallel
     return [
         {"params": list(net.backbone.parameters()), "lr": 0.1 * lr, "name": "backbone"},
         {"params": list(net.head.parameters()), "lr": lr, "name": "new layers"},

@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from reid_utils.data import build_dataloaders, display_path
@@ -129,6 +131,22 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def distributed_context() -> tuple[int, int]:
+    """``(rank, world size)``: ``(0, 1)`` normally; under ``torchrun`` it joins the process group first.
+
+    ``torchrun --nproc_per_node=N -m reid_utils.train ...`` starts N copies of this program and tells
+    each its rank through environment variables. Each process trains a full copy of the model on
+    its own share of every epoch (``DistributedSampler``); ``DistributedDataParallel`` averages the
+    gradients after every backward pass, so all copies stay identical. NCCL connects GPUs, gloo CPUs.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world_size
 
 
 def select_device(gpu_ids: str, quiet: bool = False) -> tuple[torch.device, list[int]]:
@@ -275,6 +293,10 @@ def run_epoch_phase(model, loader, phase, device, criterion, optimizer, opts, st
         seen += batch
         if progress is not None:
             progress.update(batch)
+    if phase == "train" and dist.is_initialized():  # every process saw its own share: add them up
+        totals = torch.tensor([running_loss, running_corrects, seen, skipped], dtype=torch.float64)
+        dist.all_reduce(totals)
+        running_loss, running_corrects, seen, skipped = totals[0].item(), *(int(v) for v in totals[1:].tolist())
     if seen == 0:
         raise TrainError(
             f"no {phase} batch was used: --batchsize {opts.batchsize} is larger than the {phase} set "
@@ -283,11 +305,14 @@ def run_epoch_phase(model, loader, phase, device, criterion, optimizer, opts, st
     return running_loss / seen, running_corrects / seen, seen, skipped
 
 
-def train(opts: TrainOptions, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
-    """Train (or resume) a run; returns the history of losses, errors and skipped batches.
+def train(
+    opts: TrainOptions, resume: bool = False, overwrite: bool = False, quiet: bool = False, return_model: bool = False
+):
+    """Train (or resume) a run; returns the history of losses, errors and skipped batches (and the model).
 
     ``overwrite`` deletes an earlier run of the same name; without it or ``resume`` an
-    existing run is an error, so checkpoints of two runs never mix.
+    existing run is an error, so checkpoints of two runs never mix. Under ``torchrun`` every
+    process runs this function; only rank 0 prints, draws and writes files.
     """
     folder = run_dir(opts)
     existing = latest_checkpoint(folder) if folder.is_dir() else None
@@ -298,17 +323,29 @@ def train(opts: TrainOptions, resume: bool = False, overwrite: bool = False, qui
         opts = load_options(folder)
         opts.total_epoch = total_epoch
     opts.check()
+    rank, world_size = distributed_context()
+    main_process = rank == 0  # only it prints, draws and saves
+    quiet = quiet or not main_process
+    if world_size > 1 and opts.triplet_weight > 0:
+        raise TrainError("the P x K sampler of the triplet loss does not shard over processes yet: use one process.")
     if not resume and existing is not None:
         if not overwrite:
             raise TrainError(f"{folder} already holds a run. Pass --resume to continue it, or choose another --name.")
-        for old in [*checkpoints(folder), folder / "net_last.pth", folder / "train.jpg"]:
-            old.unlink(missing_ok=True)
-    device, gpu_ids = select_device(opts.gpu_ids, quiet=quiet)
+        if main_process:
+            for old in [*checkpoints(folder), folder / "net_last.pth", folder / "train.jpg"]:
+                old.unlink(missing_ok=True)
+    if world_size > 1:
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        device, gpu_ids = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"), []
+        dist.barrier()  # nobody starts before the old run is cleared away
+    else:
+        device, gpu_ids = select_device(opts.gpu_ids, quiet=quiet)
     seed_everything(opts.seed)
     loaders, sizes, class_names = build_dataloaders(
         opts.data_dir, opts.batchsize, opts.train_all, opts.height, opts.width,
         opts.erasing_p, opts.color_jitter, opts.num_workers, opts.seed,
         instances=opts.instances if opts.triplet_weight > 0 else 0, skip_corrupt=opts.skip_corrupt,
+        shard=(rank, world_size),
     )  # fmt: skip
     if opts.num_classes not in (0, len(class_names)):
         raise TrainError(
@@ -320,7 +357,9 @@ def train(opts: TrainOptions, resume: bool = False, overwrite: bool = False, qui
         opts.num_classes, opts.backbone, opts.droprate, opts.stride, opts.linear_num,
         pretrained=opts.pretrained and not resume, quiet=quiet, bnneck=opts.bnneck,
     ).to(device)  # fmt: skip
-    if len(gpu_ids) > 1:
+    if world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    elif len(gpu_ids) > 1:
         model = nn.DataParallel(model, device_ids=gpu_ids)  # splits each batch over the GPUs
     optimizer = build_optimizer(model, opts.lr)
     scheduler = build_scheduler(optimizer, opts.total_epoch, opts.cosine)
@@ -346,7 +385,8 @@ def train(opts: TrainOptions, resume: bool = False, overwrite: bool = False, qui
         if not quiet:
             print(f"Resuming {opts.name} from {existing.name} (epoch {start_epoch} of {opts.total_epoch}).")
     folder.mkdir(parents=True, exist_ok=True)
-    save_options(opts)
+    if main_process:
+        save_options(opts)
     curves = TrainingCurves(folder / "train.jpg", live=False if quiet else None)  # quiet: no live figure
     progress = None
     if not quiet:
@@ -372,7 +412,7 @@ def train(opts: TrainOptions, resume: bool = False, overwrite: bool = False, qui
                 progress.set_postfix(epoch=epoch + 1, loss=f"{history['train_loss'][-1]:.3f}",
                                      val_err=f"{history['val_err'][-1]:.3f}")  # fmt: skip
             done = epoch + 1
-            if done % opts.save_every == 0 or done == opts.total_epoch:
+            if main_process and (done % opts.save_every == 0 or done == opts.total_epoch):
                 checkpoint = {
                     "epoch": done, "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "history": history, "state": state,
@@ -388,11 +428,14 @@ def train(opts: TrainOptions, resume: bool = False, overwrite: bool = False, qui
         if progress is not None:
             progress.close()  # also on errors and Ctrl-C: the message then starts on its own line
     history["curve_updates"] = curves.updates
+    if return_model:
+        return history, _unwrap(model)
     return history
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.DataParallel) else model
+    """The network itself, out of a DataParallel or DistributedDataParallel wrapper."""
+    return model.module if isinstance(model, nn.DataParallel | DistributedDataParallel) else model
 
 
 def throughput(history: dict, sizes_train: int) -> float:
@@ -446,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         history = train(opts, resume=args.resume, overwrite=args.overwrite)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if rank != 0:
+            return 0  # rank 0 reports for everyone
     except (TrainError, FileNotFoundError, ValueError) as err:
         print(f"train: error: {err}", file=sys.stderr)
         return 2
