@@ -172,3 +172,25 @@ def test_all_tricks_train_with_pk_batches(tiny_prepared, tmp_path):
 def test_triplet_needs_several_images_per_identity(tiny_prepared, tmp_path):
     with pytest.raises(TrainError, match="--instances"):
         train(tiny_options(tiny_prepared, tmp_path, triplet_weight=1.0, instances=1), quiet=True)
+
+
+def test_fast_data_path_trains_and_resumes_exactly(tiny_prepared, tmp_path, monkeypatch):
+    """The cached-tensor data path: same loop, learns, and resumes to the same weights."""
+    reference = train(tiny_options(tiny_prepared, tmp_path / "a", fast_data=True, channels_last=True), quiet=True)
+    assert reference["train_loss"][-1] < reference["train_loss"][0]
+    real_save = train_module._atomic_save
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        if path.name == "net_002.pth":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_atomic_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_options(tiny_prepared, tmp_path / "b", fast_data=True, channels_last=True), quiet=True)
+    monkeypatch.setattr(train_module, "_atomic_save", real_save)
+    train(tiny_options(tiny_prepared, tmp_path / "b", fast_data=True, channels_last=True), resume=True, quiet=True)
+    expected = torch.load(tmp_path / "a" / "tiny" / "net_last.pth", weights_only=False)["model"]
+    resumed = torch.load(tmp_path / "b" / "tiny" / "net_last.pth", weights_only=False)["model"]
+    for key, value in expected.items():
+        assert torch.allclose(resumed[key].float(), value.float(), atol=1e-6), key
