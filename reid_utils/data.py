@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -154,6 +155,26 @@ def _announce(location: DatasetLocation, quiet: bool) -> DatasetLocation:
     return location
 
 
+def swap_into_place(staging: Path, target: Path) -> None:
+    """Rename a finished folder to ``target``; an older ``target`` is deleted only after the swap.
+
+    Every tool that writes a data folder builds it under a temporary name first, so a crash never
+    leaves a half-written folder under the real name.
+    """
+    if not target.exists():
+        staging.rename(target)
+        return
+    retired = target.parent / f".{target.name}.old-{os.getpid()}"
+    shutil.rmtree(retired, ignore_errors=True)
+    target.rename(retired)
+    try:
+        staging.rename(target)
+    except BaseException:
+        retired.rename(target)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- transforms
 
 
@@ -252,6 +273,25 @@ def default_num_workers() -> int:
     return 0 if cpus <= 2 else min(4, cpus - 1)
 
 
+def check_prepared(data_dir: Path, train_all: bool) -> str:
+    """The training folder's name, after checking the prepared layout is there (with the fix if not)."""
+    train_folder = "train_all" if train_all else "train"
+    for folder in (train_folder, "val"):
+        if not (data_dir / folder).is_dir():
+            raise FileNotFoundError(
+                f"{data_dir / folder} not found: {data_dir} is not a prepared folder. "
+                f"Run `python -m reid_utils.prepare --src <Market-1501 folder> --dst {data_dir}` first."
+            )
+    return train_folder
+
+
+def check_test_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{folder} not found: pass --data_dir a prepared folder (python -m reid_utils.prepare makes one)."
+        )
+
+
 def build_dataloaders(
     data_dir: str | os.PathLike,
     batch_size: int = 32,
@@ -277,13 +317,7 @@ def build_dataloaders(
     Returns the loaders, ``dataset_sizes`` and the class names (the person ids).
     """
     data_dir = Path(data_dir)
-    train_folder = "train_all" if train_all else "train"
-    for folder in (train_folder, "val"):
-        if not (data_dir / folder).is_dir():
-            raise FileNotFoundError(
-                f"{data_dir / folder} not found: {data_dir} is not a prepared folder. "
-                f"Run `python -m reid_utils.prepare --src <Market-1501 folder> --dst {data_dir}` first."
-            )
+    train_folder = check_prepared(data_dir, train_all)
     tfs = build_transforms(height, width, erasing_p, color_jitter)
     image_datasets = {
         "train": image_folder(data_dir / train_folder, tfs["train"], skip_corrupt),

@@ -56,7 +56,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from reid_utils.data import MARKET_FOLDERS, display_path
+from reid_utils.data import MARKET_FOLDERS, display_path, swap_into_place
 
 FORMAT_VERSION = 1
 MARKER = "IMPORTED.json"
@@ -273,18 +273,7 @@ def _refuse_to_clobber(dst: Path, overwrite: bool) -> None:
 def _publish(tmp: Path, dst: Path, overwrite: bool) -> None:
     """Swap the finished folder into place; an old one is removed only after the swap."""
     _refuse_to_clobber(dst, overwrite)  # again: something may have appeared meanwhile
-    if not dst.exists():
-        tmp.rename(dst)
-        return
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)
-    dst.rename(old)
-    try:
-        tmp.rename(dst)
-    except BaseException:
-        old.rename(dst)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    swap_into_place(tmp, dst)
 
 
 def import_crops(

@@ -27,7 +27,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from reid_utils.data import MARKET_FOLDERS, MarketNameError, display_path, parse_market_name
+from reid_utils.data import MARKET_FOLDERS, MarketNameError, display_path, parse_market_name, swap_into_place
 
 FORMAT_VERSION = 1
 MARKER = "PREPARED.json"
@@ -138,13 +138,7 @@ def prepare_market(
                 (tmp / folder / pid).mkdir(parents=True, exist_ok=True)
                 mode = _place(source, tmp / folder / pid / source.name, mode)
         (tmp / MARKER).write_text(json.dumps({**wanted, "identities": identities, "link": mode}, indent=1))
-        if dst.exists():  # an older prepared tree (other source or version): swap it out
-            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(dst)
+        swap_into_place(tmp, dst)  # replaces an older tree (other source or version) only at the end
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

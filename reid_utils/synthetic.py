@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from reid_utils.data import swap_into_place
+
 FORMAT_VERSION = 1
 SUMMARY_FILE = "SYNTHETIC.json"
 TRAIN_DIR, GALLERY_DIR, QUERY_DIR = "bounding_box_train", "bounding_box_test", "query"
@@ -778,18 +780,7 @@ def _refuse_to_clobber(out: Path, overwrite: bool) -> None:
 def _publish(staging: Path, out: Path, overwrite: bool) -> None:
     """Swap the finished folder into place; the old one is removed only after the swap."""
     _refuse_to_clobber(out, overwrite)  # again: something may have appeared while we were drawing
-    if not out.exists():
-        staging.rename(out)
-        return
-    retired = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(retired, ignore_errors=True)
-    out.rename(retired)
-    try:
-        staging.rename(out)
-    except BaseException:
-        retired.rename(out)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
+    swap_into_place(staging, out)
 
 
 def generate_market(

@@ -19,7 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from reid_utils.data import build_transforms, default_num_workers, display_path, image_folder, parse_market_name
+from reid_utils.data import (
+    build_transforms,
+    check_test_folder,
+    default_num_workers,
+    display_path,
+    image_folder,
+    parse_market_name,
+)
 from reid_utils.metrics import Evaluation, evaluate
 from reid_utils.model import ReIDNet, check_weights_fit
 from reid_utils.train import TrainError, TrainOptions, latest_checkpoint, load_options, select_device
@@ -38,10 +45,7 @@ class FeatureSet:
 def evaluation_loader(folder: str | os.PathLike, height: int, width: int, batch_size: int = 64, num_workers=None):
     """Images of a prepared ``query/`` or ``gallery/`` folder in a fixed order, with the test transform."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"{folder} not found: pass --data_dir a prepared folder (python -m reid_utils.prepare makes one)."
-        )
+    check_test_folder(folder)
     dataset = image_folder(folder, build_transforms(height, width)["val"])
     workers = default_num_workers() if num_workers is None else num_workers
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)

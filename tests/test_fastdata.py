@@ -1,0 +1,285 @@
+"""The cached data path: same pixels as the classic one, correct batched augmentation, a DataLoader-like loader."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+from torchvision import datasets, transforms
+from torchvision.transforms import functional as TF
+
+from reid_utils.data import IMAGENET_MEAN, IMAGENET_STD, build_dataloaders, build_transforms
+from reid_utils.fastdata import (
+    CachedImageFolder,
+    CachedLoader,
+    TensorAugment,
+    build_cached_loaders,
+    build_tensor_transforms,
+    cached_evaluation_loader,
+)
+from reid_utils.samplers import PKSampler
+
+H, W = 64, 32
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from reid_utils.prepare import prepare_market
+    from reid_utils.synthetic import generate_market
+
+    root = tmp_path_factory.mktemp("fastdata")
+    market = generate_market(root / "Market", seed=3, train_ids=6, test_ids=4).root
+    return prepare_market(market, root / "prepared", quiet=True).root
+
+
+@pytest.fixture(scope="module")
+def train_set(prepared):
+    return CachedImageFolder(prepared / "train", H, W)
+
+
+def random_images(n: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, H, W), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+class IndexedImages:
+    """A stand-in for a cached folder whose label is the image's own index: shows which images a loader used."""
+
+    def __init__(self, n: int) -> None:
+        self.images = torch.zeros(n, 3, 16, 8, dtype=torch.uint8)
+        self.targets = torch.arange(n)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def test_cache_holds_the_pixels_of_pil_decode_and_resize(prepared, train_set):
+    listing = datasets.ImageFolder(str(prepared / "train"))
+    assert train_set.samples == listing.samples and train_set.classes == listing.classes
+    assert train_set.targets.dtype == torch.int64 and train_set.targets.tolist() == listing.targets
+    assert train_set.images.shape == (len(listing), 3, H, W) and train_set.images.dtype == torch.uint8
+    resize = transforms.Resize((H, W), interpolation=transforms.InterpolationMode.BICUBIC)
+    for index, (path, _) in enumerate(listing.samples):
+        expected = torch.from_numpy(np.array(resize(datasets.folder.default_loader(path)))).permute(2, 0, 1)
+        assert (train_set.images[index].int() - expected.int()).abs().max() <= 1, path
+    assert train_set.nbytes == len(listing) * 3 * H * W
+    image, target = train_set[3]
+    assert image.shape == (3, H, W) and target == listing.targets[3]
+
+
+def test_disk_cache_is_reused_and_rebuilt_when_the_folder_changes(prepared, train_set, tmp_path):
+    first = CachedImageFolder(prepared / "val", H, W, cache_dir=tmp_path)
+    assert not first.from_disk and first.cache_file.is_file()
+    assert not list(tmp_path.glob(".*tmp*")), "the temporary file was renamed into place"
+    second = CachedImageFolder(prepared / "val", H, W, cache_dir=tmp_path)
+    assert second.from_disk and torch.equal(second.images, first.images)
+    other_size = CachedImageFolder(prepared / "val", 32, 16, cache_dir=tmp_path)
+    assert not other_size.from_disk and other_size.cache_file != first.cache_file
+    # a damaged cache file is rebuilt, not trusted
+    first.cache_file.write_bytes(b"not a tensor")
+    assert not CachedImageFolder(prepared / "val", H, W, cache_dir=tmp_path).from_disk
+    # a touched image changes the key
+    path, key = first.samples[0][0], first.cache_key()
+    stat = os.stat(path)
+    try:
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        touched = CachedImageFolder(prepared / "val", H, W, cache_dir=tmp_path)
+        assert touched.cache_key() != key and not touched.from_disk
+    finally:
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+# --------------------------------------------------------------------------- batched augmentation
+
+
+def test_output_shape_dtype_and_memory_format():
+    images = random_images(8)
+    train = build_tensor_transforms(H, W, erasing_p=0.5, color_jitter=True)["train"]
+    out = train(images, torch.Generator().manual_seed(0))
+    assert out.shape == (8, 3, H, W) and out.dtype == torch.float32
+    cl = TensorAugment(pad=2, flip=True, channels_last=True)(images, torch.Generator().manual_seed(0))
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="uint8"):
+        train(images.float())
+
+
+def test_without_augmentation_it_is_the_classic_test_transform(train_set):
+    val = build_transforms(H, W)["val"]
+    out = build_tensor_transforms(H, W)["val"](train_set.images[:6])
+    for index in range(6):
+        classic = val(datasets.folder.default_loader(train_set.samples[index][0]))
+        assert torch.allclose(out[index], classic, atol=1e-6)
+
+
+def test_flip_mirrors_some_images_and_leaves_the_others():
+    images = random_images(32)
+    out = TensorAugment(flip=True)(images, torch.Generator().manual_seed(1))
+    plain, mirrored = normalise(images), normalise(images.flip(3))
+    is_plain = [torch.equal(o, p) for o, p in zip(out, plain, strict=True)]
+    is_mirrored = [torch.equal(o, m) for o, m in zip(out, mirrored, strict=True)]
+    assert all(p or m for p, m in zip(is_plain, is_mirrored, strict=True))
+    assert 4 <= sum(is_mirrored) <= 28  # about half
+
+
+def test_crops_are_shifted_copies_within_the_padding():
+    pad = 3
+    images = random_images(24)
+    out = TensorAugment(pad=pad).crop_and_flip(images, torch.Generator().manual_seed(2))
+    padded = F.pad(images, (pad, pad, pad, pad))
+    shifts = set()
+    for index in range(len(images)):
+        matches = [
+            (top, left)
+            for top in range(2 * pad + 1)
+            for left in range(2 * pad + 1)
+            if torch.equal(out[index], padded[index, :, top : top + H, left : left + W])
+        ]
+        assert len(matches) == 1, f"image {index} is not a window of the padded image"
+        shifts.add(matches[0])
+    # the shift is drawn per image, vertically and horizontally
+    assert len({top for top, _ in shifts}) >= 4 and len({left for _, left in shifts}) >= 4
+
+
+def test_erasing_zeroes_one_box_of_the_allowed_size():
+    images = torch.full((64, 3, H, W), 200, dtype=torch.uint8)  # normalised: never exactly zero
+    out = TensorAugment(erasing_p=1.0)(images, torch.Generator().manual_seed(3))
+    erased = 0
+    slack = 0.5 * (H + W) + 1  # the box sides are rounded to whole pixels
+    for image in out:
+        zero = (image == 0).all(dim=0)
+        assert torch.equal(zero, (image == 0).any(dim=0)), "every channel is erased"
+        if not zero.any():
+            continue  # torchvision also gives up after 10 boxes that do not fit
+        erased += 1
+        rows, cols = zero.any(dim=1).nonzero().squeeze(1), zero.any(dim=0).nonzero().squeeze(1)
+        box_h, box_w = len(rows), len(cols)
+        assert rows.max() - rows.min() + 1 == box_h and cols.max() - cols.min() + 1 == box_w
+        assert zero.sum() == box_h * box_w, "the erased pixels form one rectangle"
+        assert 0.02 * H * W - slack <= box_h * box_w <= 0.33 * H * W + slack
+        assert box_h < H and box_w < W
+    assert erased >= 48
+    none = TensorAugment(erasing_p=0.0)(images)
+    assert not (none == 0).any()
+
+
+def test_colour_jitter_blends_like_torchvision():
+    batch = torch.rand(4, 3, 20, 10)
+    factors = torch.tensor([[0.9, 1.1, 0.95], [1.05, 0.92, 1.08], [1.0, 1.0, 1.0], [1.1, 1.1, 0.9]])
+    order = torch.tensor([[0, 1, 2], [2, 1, 0], [1, 0, 2], [1, 2, 0]])
+    out = TensorAugment.blend_in_order(batch.clone(), factors, order)
+    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for index in range(4):
+        expected = batch[index]
+        for which in order[index].tolist():
+            expected = adjust[which](expected, factors[index, which].item())
+        assert torch.allclose(out[index], expected, atol=1e-6)
+
+
+def test_randomness_is_per_image_and_follows_the_generator():
+    same = random_images(1).expand(16, -1, -1, -1).contiguous()  # 16 copies of one image
+    train = build_tensor_transforms(H, W, erasing_p=0.5, color_jitter=True)["train"]
+    out = train(same, torch.Generator().manual_seed(4))
+    distinct = {tuple(image.flatten()[::97].tolist()) for image in out}
+    assert len(distinct) >= 14, "each copy is augmented differently"
+    jittered = TensorAugment(color_jitter=0.1)(same, torch.Generator().manual_seed(4))
+    assert jittered.mean(dim=(1, 2, 3)).std() > 1e-2, "each copy gets its own brightness, contrast, saturation"
+    generator = torch.Generator().manual_seed(5)
+    state = generator.get_state()
+    first = train(same, generator)
+    generator.set_state(state)
+    assert torch.equal(train(same, generator), first)
+    assert not torch.equal(train(same, torch.Generator().manual_seed(6)), first)
+
+
+# --------------------------------------------------------------------------- the loader
+
+
+def test_shuffling_uses_every_image_once_per_epoch():
+    dataset = IndexedImages(70)
+    loader = CachedLoader(dataset, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    assert len(loader) == 3 and loader.sampler is None and loader.dataset is dataset
+    epochs = []
+    for _ in range(2):
+        batches = [labels for _, labels in loader]
+        assert [len(b) for b in batches] == [32, 32, 6]
+        epochs.append(torch.cat(batches))
+        assert sorted(epochs[-1].tolist()) == list(range(70))
+    assert not torch.equal(epochs[0], epochs[1]), "a new order every epoch"
+    in_order = torch.cat([labels for _, labels in CachedLoader(dataset, batch_size=32)])
+    assert in_order.tolist() == list(range(70))
+
+
+def test_loader_follows_a_pk_sampler(train_set):
+    sampler = PKSampler(train_set.targets, p=3, k=2, seed=0)
+    loader = CachedLoader(train_set, batch_size=6, sampler=sampler, generator=torch.Generator().manual_seed(0))
+    assert loader.sampler is sampler and len(loader) == sampler.num_batches
+    first_epoch = []
+    for images, labels in loader:
+        assert images.shape == (6, 3, H, W)
+        assert sorted(torch.bincount(labels).tolist())[-3:] == [2, 2, 2]  # 3 identities x 2 images
+        first_epoch.append(labels)
+    sampler.set_epoch(1)
+    assert not torch.equal(torch.cat(first_epoch), torch.cat([labels for _, labels in loader]))
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        CachedLoader(train_set, 6, shuffle=True, sampler=sampler)
+
+
+def test_restoring_the_generator_replays_the_next_batch(train_set):
+    loaders, _, _ = build_cached_loaders(train_set.root.parent, 8, height=H, width=W, erasing_p=0.5, color_jitter=True)
+    loader = loaders["train"]
+    list(loader)  # an epoch has gone by
+    state = loader.generator.get_state()
+    images, labels = next(iter(loader))
+    loader.generator.set_state(state)
+    again_images, again_labels = next(iter(loader))
+    assert torch.equal(labels, again_labels) and torch.equal(images, again_images)
+
+
+# --------------------------------------------------------------------------- drop-in for build_dataloaders
+
+
+def test_build_cached_loaders_matches_build_dataloaders(prepared):
+    for train_all in (False, True):
+        classic, classic_sizes, classic_names = build_dataloaders(prepared, 8, train_all, H, W, num_workers=0)
+        cached, sizes, names = build_cached_loaders(prepared, 8, train_all, H, W)
+        assert sizes == classic_sizes and names == classic_names
+        assert len(cached["train"]) == len(classic["train"]) and len(cached["train"].dataset) == sizes["train"]
+    # the validation phase has no randomness: the very same batches
+    for (classic_x, classic_y), (x, y) in zip(classic["val"], cached["val"], strict=True):
+        assert torch.equal(classic_y, y) and torch.allclose(classic_x, x, atol=1e-6)
+    pk, _, _ = build_cached_loaders(prepared, 8, height=H, width=W, instances=2)
+    assert isinstance(pk["train"].sampler, PKSampler) and pk["train"].sampler.k == 2
+
+
+def test_unprepared_folder_and_bad_options_fail_clearly(prepared, tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a prepared folder"):
+        build_cached_loaders(tmp_path, 8, height=H, width=W)
+    with pytest.raises(ValueError, match="erasing_p"):
+        build_cached_loaders(prepared, 8, height=H, width=W, erasing_p=1.5)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        cached_evaluation_loader(tmp_path / "query", H, W)
+
+
+def test_feature_extraction_from_the_cache_matches_the_dataloader(prepared):
+    from reid_utils.model import ReIDNet
+    from reid_utils.test import evaluation_loader, extract_features
+
+    torch.manual_seed(0)
+    model = ReIDNet(6, "resnet18", pretrained=False, quiet=True).eval()
+    classic = extract_features(model, evaluation_loader(prepared / "query", H, W, num_workers=0))
+    cached = extract_features(model, cached_evaluation_loader(prepared / "query", H, W))
+    assert classic.paths == cached.paths and np.array_equal(classic.pids, cached.pids)
+    assert torch.allclose(classic.features, cached.features, atol=1e-5)
+    assert math.isclose(float(cached.features.norm(dim=1).mean()), 1.0, rel_tol=1e-5)
