@@ -223,7 +223,7 @@ def test_checkers_leave_the_random_state_alone_and_print_the_same_line_twice(cap
 
 def test_skip_rule_is_the_rule_of_run_epoch_phase():
     """The checker's copy of the rule against the training loop itself, one short batch after a full one."""
-    from reid_utils.train import run_epoch_phase
+    from reid_utils.train import TrainOptions, run_epoch_phase
 
     class Tiny(nn.Module):
         def __init__(self):
@@ -240,7 +240,7 @@ def test_skip_rule_is_the_rule_of_run_epoch_phase():
         *_, count = run_epoch_phase(
             model=model, loader=loader, phase=phase, device=torch.device("cpu"),
             criterion=lambda outputs, labels, *rest: nn.functional.cross_entropy(outputs, labels),
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.0), opts=type("Opts", (), {"batchsize": batch_size}),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.0), opts=TrainOptions(batchsize=batch_size),
             state={"warm_up": 1.0, "warm_iterations": 1}, scaler=torch.amp.GradScaler("cpu", enabled=False),
             use_amp=False, progress=None,
         )  # fmt: skip
