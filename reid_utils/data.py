@@ -155,6 +155,27 @@ def _announce(location: DatasetLocation, quiet: bool) -> DatasetLocation:
     return location
 
 
+def replace_problem(
+    target: Path, overwrite: bool, made_by_this_tool: bool, marker: str, tool: str = "this tool"
+) -> str | None:
+    """Why a tool may not (re)write ``target``, or None: only an empty folder or one it made is replaced.
+
+    ``--overwrite`` must never delete a folder of the user's that happens to have the same name.
+    """
+    if not target.exists() and not target.is_symlink():
+        return None
+    if not overwrite:
+        return f"{target} already exists. Pass --overwrite or choose another folder."
+    if not target.is_dir() or target.is_symlink():
+        return f"{target} exists and is not a folder. Remove it or choose another folder."
+    if not made_by_this_tool and any(target.iterdir()):
+        return (
+            f"{target} is not empty and was not made by {tool} (no {marker}); refusing to replace it. "
+            f"Remove it yourself or choose another folder."
+        )
+    return None
+
+
 def swap_into_place(staging: Path, target: Path) -> None:
     """Rename a finished folder to ``target``; an older ``target`` is deleted only after the swap.
 

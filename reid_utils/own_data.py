@@ -56,7 +56,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from reid_utils.data import MARKET_FOLDERS, display_path, swap_into_place
+from reid_utils.data import MARKET_FOLDERS, display_path, replace_problem, swap_into_place
 
 FORMAT_VERSION = 1
 MARKER = "IMPORTED.json"
@@ -257,17 +257,9 @@ def _read_marker(dst: Path) -> dict | None:
 
 def _refuse_to_clobber(dst: Path, overwrite: bool) -> None:
     """Only ever replace a folder this importer made (or an empty one)."""
-    if not dst.exists() and not dst.is_symlink():
-        return
-    if not overwrite:
-        raise CropImportError(f"{dst} already exists. Pass --overwrite (overwrite=True) or choose another --dst.")
-    if not dst.is_dir() or dst.is_symlink():
-        raise CropImportError(f"{dst} exists and is not a folder. Remove it or choose another --dst.")
-    if _read_marker(dst) is None and any(dst.iterdir()):
-        raise CropImportError(
-            f"{dst} is not empty and was not made by this importer (no {MARKER}); refusing to replace it. "
-            f"Remove it yourself or choose another --dst."
-        )
+    problem = replace_problem(dst, overwrite, _read_marker(dst) is not None, MARKER, "this importer")
+    if problem:
+        raise CropImportError(problem)
 
 
 def _publish(tmp: Path, dst: Path, overwrite: bool) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from reid_utils.data import swap_into_place
+from reid_utils.data import replace_problem, swap_into_place
 
 FORMAT_VERSION = 1
 SUMMARY_FILE = "SYNTHETIC.json"
@@ -764,17 +764,9 @@ def read_summary(root: str | Path) -> SyntheticSummary | None:
 
 def _refuse_to_clobber(out: Path, overwrite: bool) -> None:
     """Only ever replace a folder we made (or an empty one): ``--overwrite`` must not eat a home dir."""
-    if not out.exists() and not out.is_symlink():
-        return
-    if not overwrite:
-        raise OutputExistsError(f"{out} already exists; pass overwrite=True (--overwrite) or choose another folder")
-    if not out.is_dir() or out.is_symlink():
-        raise OutputExistsError(f"{out} exists and is not a folder; remove it or choose another folder")
-    if read_summary(out) is None and any(out.iterdir()):
-        raise OutputExistsError(
-            f"{out} is not empty and is not a synthetic data set (no valid {SUMMARY_FILE}); "
-            "refusing to replace it - remove it yourself or choose another folder"
-        )
+    problem = replace_problem(out, overwrite, read_summary(out) is not None, SUMMARY_FILE, "the synthetic generator")
+    if problem:
+        raise OutputExistsError(problem)
 
 
 def _publish(staging: Path, out: Path, overwrite: bool) -> None:
