@@ -135,6 +135,13 @@ def make_data(work: Path, train_ids: int, test_ids: int) -> Path:
     return prepare_market(market, work / "prepared", quiet=True).root
 
 
+def plain_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The classic loop's SGD: ``build_optimizer``'s groups and settings without the fused kernel it now uses."""
+    reference = build_optimizer(model, lr)
+    groups = [{**group, "fused": None} for group in reference.param_groups]
+    return torch.optim.SGD(groups, **{**reference.defaults, "fused": None})
+
+
 def fused_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """``build_optimizer``'s SGD -- same parameter groups and hyper-parameters -- with ``fused=True``.
 
@@ -200,7 +207,7 @@ def time_training(
     for path, (_, channels_last, fused) in specs.items():
         model = copy.deepcopy(initial)
         models[path] = model.to(memory_format=torch.channels_last) if channels_last else model
-        optimizers[path] = (fused_optimizer if fused else build_optimizer)(models[path], args.lr)
+        optimizers[path] = (fused_optimizer if fused else plain_optimizer)(models[path], args.lr)
     opts = TrainOptions(batchsize=c.batch_size)
     criterion = ReIDLoss()  # plain cross-entropy: no label smoothing, no triplet term
     scaler = torch.amp.GradScaler("cpu", enabled=False)
