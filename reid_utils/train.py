@@ -171,7 +171,7 @@ def select_device(gpu_ids: str, quiet: bool = False) -> tuple[torch.device, list
         return torch.device("cpu"), []
     if not torch.cuda.is_available():
         if not quiet:
-            print(f"No CUDA GPU found: training on the CPU instead of GPU {','.join(map(str, ids))}.")
+            print(f"No CUDA GPU found: running on the CPU instead of GPU {','.join(map(str, ids))}.")
         return torch.device("cpu"), []
     missing = [i for i in ids if i >= torch.cuda.device_count()]
     if missing:
