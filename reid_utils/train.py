@@ -346,7 +346,7 @@ def train(
         if not overwrite:
             raise TrainError(f"{folder} already holds a run. Pass --resume to continue it, or choose another --name.")
         if main_process:
-            for old in [*checkpoints(folder), folder / "net_last.pth", folder / "train.jpg"]:
+            for old in [*checkpoints(folder), *(folder / f for f in ("net_last.pth", "train.jpg", "features.pt"))]:
                 old.unlink(missing_ok=True)
     if world_size > 1:
         local_rank = int(os.environ.get("LOCAL_RANK", rank))

@@ -194,3 +194,15 @@ def test_fast_data_path_trains_and_resumes_exactly(tiny_prepared, tmp_path, monk
     resumed = torch.load(tmp_path / "b" / "tiny" / "net_last.pth", weights_only=False)["model"]
     for key, value in expected.items():
         assert torch.allclose(resumed[key].float(), value.float(), atol=1e-6), key
+
+
+def test_overwrite_clears_everything_an_earlier_run_left(tiny_prepared, tmp_path):
+    train(tiny_options(tiny_prepared, tmp_path, total_epoch=2, save_every=1), quiet=True)
+    (tmp_path / "tiny" / "features.pt").write_bytes(b"old features")  # as python -m reid_utils.test leaves them
+    train(tiny_options(tiny_prepared, tmp_path, total_epoch=1, save_every=1), overwrite=True, quiet=True)
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == [
+        "net_001.pth",
+        "net_last.pth",
+        "opts.yaml",
+        "train.jpg",
+    ]
