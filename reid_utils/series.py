@@ -17,8 +17,15 @@ from pathlib import Path
 
 from reid_utils.data import repo_root
 
-# What the tests set (see tests/conftest.py): the same outputs on every machine.
+# What the tests run under (tests/conftest.py calls this too): the same outputs on every machine.
 TEST_ENVIRONMENT = {"REID_OFFLINE": "1", "REID_DATASET": "synthetic"}
+
+
+def use_test_environment() -> None:
+    """Synthetic data, no weight downloads and an empty weight cache, for this process and its kernels."""
+    os.environ.update(TEST_ENVIRONMENT)
+    os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="reid-torch-home-")
+    os.environ.pop("MARKET1501_DIR", None)
 
 
 def notebook_paths(folder: Path, only: list[str] | None = None) -> list[Path]:
@@ -94,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         print("series: error: --inplace and --no_execute together would change nothing.", file=sys.stderr)
         return 2
     if args.inplace:
-        os.environ.update(TEST_ENVIRONMENT)
-        os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="torch-home-")  # an empty weight cache
+        use_test_environment()
     out = Path(args.out)
     total = 0.0
     for path in paths:

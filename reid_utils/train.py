@@ -470,11 +470,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.DataParallel | DistributedDataParallel) else model
 
 
-def throughput(history: dict, sizes_train: int) -> float:
-    """Training images per second over the epochs of ``history`` (train + val time)."""
-    return sizes_train * len(history["seconds"]) / max(sum(history["seconds"]), 1e-9)
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = TrainOptions()
     p = argparse.ArgumentParser(prog="python -m reid_utils.train", description="Train the re-ID baseline.")

@@ -1,12 +1,10 @@
 """Shared fixtures; also switches weight downloads off for everything the tests start (kernels included)."""
 
-import os
-import tempfile
-
 import pytest
 
-os.environ["REID_OFFLINE"] = "1"  # never download ImageNet weights during tests
-os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="reid-torch-home-")  # and ignore any cached ones
+from reid_utils.series import use_test_environment
+
+use_test_environment()  # synthetic data, no downloads, no cached weights: the same outputs on every machine
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +20,3 @@ def tiny_prepared(tiny_market, tmp_path_factory):
     from reid_utils.prepare import prepare_market
 
     return prepare_market(tiny_market, tmp_path_factory.mktemp("prepared") / "tiny", quiet=True).root
-
-
-os.environ["REID_DATASET"] = "synthetic"  # notebooks use the embedded set even where Market-1501 is installed
-os.environ.pop("MARKET1501_DIR", None)
