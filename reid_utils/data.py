@@ -352,7 +352,9 @@ def build_dataloaders(
     if instances > 0:
         from reid_utils.samplers import PKSampler
 
-        train_sampler = PKSampler(image_datasets["train"].targets, batch_size // instances, instances, seed=seed)
+        train_sampler = PKSampler(
+            image_datasets["train"].targets, batch_size // instances, instances, seed=seed, shard=shard
+        )
     elif shard[1] > 1:
         rank, world = shard
         train_sampler = torch.utils.data.DistributedSampler(

@@ -33,9 +33,20 @@ class PKSampler(Sampler[int]):
 
     ``labels`` is one integer identity per dataset item, e.g. ``ImageFolder.targets``. Note that ``k=1``
     gives batches without positives, for which the triplet loss is undefined.
+
+    ``shard=(rank, world)`` splits every epoch between ``world`` processes (``torchrun``): all of them draw
+    the same batches (same seed), drop the few that would make the count uneven, and process ``rank``
+    keeps batches ``rank, rank + world, ...`` -- whole P x K batches, disjoint between processes.
     """
 
-    def __init__(self, labels: Sequence[int] | torch.Tensor, p: int = 16, k: int = 4, seed: int = 0) -> None:
+    def __init__(
+        self,
+        labels: Sequence[int] | torch.Tensor,
+        p: int = 16,
+        k: int = 4,
+        seed: int = 0,
+        shard: tuple[int, int] = (0, 1),
+    ) -> None:
         if p < 1 or k < 1:
             raise ValueError(f"p (identities per batch) and k (images per identity) must be >= 1, got p={p}, k={k}")
         label_tensor = torch.as_tensor(labels)
@@ -51,9 +62,13 @@ class PKSampler(Sampler[int]):
             raise ValueError(
                 f"p={p} identities per batch, but the labels hold only {len(self.index_groups)} identities"
             )
+        rank, world = shard
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"shard=(rank, world) needs 0 <= rank < world, got {shard}")
         self.p = p
         self.k = k
         self.seed = seed
+        self.rank, self.world = rank, world
         self.epoch = 0
 
     @property
@@ -97,7 +112,8 @@ class PKSampler(Sampler[int]):
             chosen = [available[j] for j in picks.tolist()]
             batches.append(torch.cat([chunks[i].pop() for i in chosen]))
             available = [i for i in available if chunks[i]]
-        return batches
+        usable = len(batches) // self.world * self.world  # every process gets the same number of batches
+        return batches[self.rank : usable : self.world]
 
     def __iter__(self) -> Iterator[int]:
         batches = self._batches()

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torchvision import datasets, transforms
 from torchvision.transforms import functional as TF
 
@@ -245,6 +247,88 @@ def test_restoring_the_generator_replays_the_next_batch(train_set):
     loader.generator.set_state(state)
     again_images, again_labels = next(iter(loader))
     assert torch.equal(labels, again_labels) and torch.equal(images, again_images)
+
+
+# --------------------------------------------------------------------------- the device (GPU) path
+
+
+class DeviceMixing(TorchDispatchMode):
+    """Records every torch operation that mixes tensors of two devices (0-d CPU scalars aside, as torch allows).
+
+    With the loader's device set to ``meta`` (a device that has shapes but no data), any operation that
+    still gets a CPU tensor would, on a GPU, either fail or copy behind our back; this finds all of them
+    on a machine without a GPU. ``copy_`` is the explicit move itself and is allowed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mixed: list[str] = []
+        self.devices: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
+        devices = {t.device.type for t in tensors}
+        self.devices |= devices
+        if len(devices) > 1 and func is not torch.ops.aten.copy_.default:
+            self.mixed.append(f"{func}: {sorted(devices)}")
+        return func(*args, **kwargs)
+
+
+def test_on_another_device_batches_are_built_there_from_the_same_random_numbers(train_set):
+    augment = TensorAugment(pad=2, flip=True, color_jitter=0.1, erasing_p=1.0, channels_last=True)
+    sampler = PKSampler(train_set.targets, p=3, k=2, seed=0)
+    on_cpu = CachedLoader(train_set, 6, augment, sampler=sampler, generator=torch.Generator().manual_seed(4))
+    assert on_cpu.device == torch.device("cpu") and on_cpu.images is train_set.images  # no copy on the CPU
+    cpu_images, cpu_labels = next(iter(on_cpu))
+    explicit = CachedLoader(train_set, 6, augment, sampler=sampler, generator=torch.Generator().manual_seed(4),
+                            device="cpu")  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(next(iter(explicit)), (cpu_images, cpu_labels), strict=True))
+
+    mode = DeviceMixing()
+    with mode:
+        elsewhere = CachedLoader(train_set, 6, augment, sampler=sampler, generator=torch.Generator().manual_seed(4),
+                                 device="meta")  # fmt: skip
+        images, labels = next(iter(elsewhere))
+    assert mode.mixed == [] and "meta" in mode.devices
+    assert elsewhere.images.device.type == "meta" and train_set.images.device.type == "cpu"  # cache copied once
+    assert images.device.type == labels.device.type == "meta"
+    assert images.shape == cpu_images.shape and images.dtype == torch.float32 and labels.shape == cpu_labels.shape
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    # the same draws, from the same CPU generator: the same crops, flips and boxes on any device
+    assert torch.equal(elsewhere.generator.get_state(), on_cpu.generator.get_state())
+
+
+def test_evaluation_loader_on_another_device(prepared):
+    mode = DeviceMixing()
+    with mode:
+        loader = cached_evaluation_loader(prepared / "query", H, W, batch_size=4, device="meta")
+        images, labels = next(iter(loader))
+    assert mode.mixed == [] and images.device.type == "meta" and labels.device.type == "meta"
+
+
+# --------------------------------------------------------------------------- several processes (torchrun)
+
+
+def test_sharded_loaders_split_each_epoch_and_augment_differently(prepared):
+    shards = [build_cached_loaders(prepared, 4, height=H, width=W, shard=(rank, 2))[0]["train"] for rank in (0, 1)]
+    n = len(shards[0].dataset)
+    for epoch in (0, 1):
+        indices = []
+        for loader in shards:
+            loader.sampler.set_epoch(epoch)
+            indices.append(list(loader.sampler))
+            labels = torch.cat([labels for _, labels in loader])
+            assert torch.equal(labels, loader.dataset.targets[indices[-1]])  # the loader follows its shard
+        # DistributedSampler: the two halves of one shuffled order (at most one image repeated to even them out)
+        assert len(indices[0]) == len(indices[1]) == math.ceil(n / 2)
+        assert set(indices[0]) | set(indices[1]) == set(range(n)) and len(set(indices[0]) & set(indices[1])) <= n % 2
+    assert not torch.equal(shards[0].generator.get_state(), shards[1].generator.get_state())
+    single = build_cached_loaders(prepared, 4, height=H, width=W)[0]["train"]
+    assert single.sampler is None  # one process: shuffled by the generator, seeded as before
+    assert torch.equal(single.generator.get_state(), torch.Generator().manual_seed(0).get_state())
+    pk = [build_cached_loaders(prepared, 4, height=H, width=W, instances=2, shard=(r, 2))[0]["train"] for r in (0, 1)]
+    assert [s.sampler.rank for s in pk] == [0, 1] and len(pk[0]) == len(pk[1]) > 0
 
 
 # --------------------------------------------------------------------------- drop-in for build_dataloaders

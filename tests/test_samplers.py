@@ -98,3 +98,17 @@ def test_dataloader_yields_pk_batches():
             assert sorted(Counter(label.tolist()).values()) == [3, 3]
             seen.append(index)
     assert not torch.equal(torch.cat(seen[:5]), torch.cat(seen[5:]))
+
+
+def test_shards_split_the_batches_of_one_epoch_between_processes():
+    labels = torch.tensor(make_labels([3, 5, 4, 6, 2, 5]))
+    whole = PKSampler(labels, p=2, k=3, seed=0)
+    shards = [PKSampler(labels, p=2, k=3, seed=0, shard=(rank, 2)) for rank in (0, 1)]
+    for epoch in range(2):
+        for sampler in (whole, *shards):
+            sampler.set_epoch(epoch)
+        every = batches(whole)  # five batches: four are shared out, one is dropped so both get two
+        assert [batches(s) for s in shards] == [every[0:4:2], every[1:4:2]]
+        assert len(shards[0]) == len(shards[1]) == 2 * whole.batch_size
+    with pytest.raises(ValueError, match="rank"):
+        PKSampler(labels, p=2, k=3, shard=(2, 2))

@@ -9,6 +9,7 @@ from reid_utils.train import (
     ReIDLoss,
     TrainError,
     TrainOptions,
+    choose_precision,
     latest_checkpoint,
     lr_factor,
     main,
@@ -206,3 +207,29 @@ def test_overwrite_clears_everything_an_earlier_run_left(tiny_prepared, tmp_path
         "opts.yaml",
         "train.jpg",
     ]
+
+
+def test_bf16_autocasts_on_a_cpu_that_computes_bfloat16(tiny_prepared, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: True)  # any CPU can run it; some do it natively
+    fp32 = train(tiny_options(tiny_prepared, tmp_path / "fp32", total_epoch=1, save_every=1), quiet=True)
+    bf16 = train(tiny_options(tiny_prepared, tmp_path / "bf16", total_epoch=1, save_every=1, bf16=True), quiet=True)
+    assert bf16["train_loss"] != fp32["train_loss"]  # the arithmetic changed: the model ran in bfloat16
+    assert math.isclose(bf16["train_loss"][0], fp32["train_loss"][0], rel_tol=0.05)  # the same run otherwise
+
+
+def test_precision_choices_and_their_notices(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: False)
+    opts = TrainOptions(bf16=True)
+    use_amp, notice = choose_precision(opts, cpu)
+    assert not use_amp and "no native bfloat16" in notice and "float32" in notice and opts.bf16 is False
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: True)
+    assert choose_precision(TrainOptions(), cpu) == (False, None)  # the CPU autocasts only when asked to
+    assert choose_precision(TrainOptions(bf16=True), cpu) == (True, None)
+    # CUDA: only the device's answer is mocked, nothing runs on a GPU
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    opts = TrainOptions(bf16=True)
+    use_amp, notice = choose_precision(opts, cuda)
+    assert use_amp and "float16 with loss scaling" in notice and opts.bf16 is False
+    assert choose_precision(TrainOptions(), cuda) == (True, None)
+    assert choose_precision(TrainOptions(amp=False, bf16=True), cuda) == (False, None)
