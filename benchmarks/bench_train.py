@@ -9,7 +9,13 @@ Ways to feed the same model the same kind of batches, all trained by the trainer
 * ``cached+CL``       -- the same, with the model and its inputs in ``channels_last`` memory format;
 * ``cached+fused``    -- ``cached`` with ``build_optimizer``'s SGD built with ``fused=True`` (same numbers, one
   kernel per parameter). Not a data-path change: it shows what else a CPU step can save;
-* ``cached+CL+fused`` -- both.
+* ``cached+CL+fused`` -- both;
+* ``cached+CL+bf16``  -- both, with bfloat16 autocast: the whole fast path of the ``market-gpu`` profile. On a
+  CPU it runs only where the CPU computes bfloat16 natively (AVX-512 BF16 or AMX), else it is left out.
+
+``--device cuda`` runs the same comparison on a GPU (the cached paths then keep their uint8 cache on the GPU
+and augment there; the classic path uses DataLoader worker processes) and adds what 60 epochs of Market-1501
+would take at the measured speed -- the figure the GPU fast path was designed for.
 
 The script also times the data alone (no model) and prints what saving that time predicts (Amdahl's law: the
 model's share of the step stays); the measured gain can be a little larger or smaller.
@@ -26,6 +32,7 @@ Run from the repository root::
     python benchmarks/bench_train.py                          # both configurations, ~2 minutes on 2 cores
     python benchmarks/bench_train.py --configs demo --train_ids 150
     python benchmarks/bench_train.py --erasing_p 0.5 --color_jitter   # the augmentation-heavy recipe
+    python benchmarks/bench_train.py --device cuda --configs baseline --train_ids 751 --baseline_batches 200
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from reid_utils.model import ReIDNet
 from reid_utils.prepare import prepare_market
 from reid_utils.synthetic import generate_market, read_summary
 from reid_utils.test import evaluation_loader, extract_features
-from reid_utils.train import ReIDLoss, TrainOptions, build_optimizer, run_epoch_phase
+from reid_utils.train import ReIDLoss, TrainOptions, build_optimizer, cpu_has_bf16, run_epoch_phase
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,9 @@ PATHS = {
     "cached+CL": "CachedLoader, model and inputs channels_last",
     "cached+fused": "CachedLoader, build_optimizer's SGD with fused=True (not a data-path change)",
     "cached+CL+fused": "both",
+    "cached+CL+bf16": "CachedLoader, channels_last, fused SGD, bfloat16 autocast (the market-gpu fast path)",
 }
+MARKET_TRAIN_IMAGES = 12936  # bounding_box_train of Market-1501 (reid-facts.md)
 
 CONFIGS = {
     "demo": Config("demo", "resnet18", 64, 32, 32, "gallery"),
@@ -154,10 +163,21 @@ def fused_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, **{**reference.defaults, "foreach": None, "fused": True})
 
 
-def data_only_ms(loader, batches: int) -> float:
-    """Milliseconds per batch to produce ``batches`` batches, with no model: the data path's own cost."""
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU to finish its queued work, so the clock measures the work and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def data_only_ms(loader, batches: int, device: torch.device) -> float:
+    """Milliseconds per batch to produce ``batches`` batches on ``device``, with no model: the data path's own cost."""
+    synchronize(device)
     start = time.perf_counter()
-    seen = sum(1 for _ in FirstBatches(loader, batches))
+    seen = 0
+    for images, _ in FirstBatches(loader, batches):
+        images.to(device)  # the classic path's batches still have to reach the GPU
+        seen += 1
+    synchronize(device)
     return 1000 * (time.perf_counter() - start) / max(seen, 1)
 
 
@@ -166,13 +186,15 @@ def time_training(
 ) -> tuple[dict[str, PathTimes], float, dict[str, nn.Module]]:
     """Train every path in turns; returns their times, the cache build time and the trained models."""
     c = config
+    device = torch.device(args.device)
     classic, sizes, names = build_dataloaders(
         prepared, c.batch_size, False, c.height, c.width, args.erasing_p, args.color_jitter, None, args.seed
     )
     started = time.perf_counter()
     cached, cached_sizes, cached_names = build_cached_loaders(
-        prepared, c.batch_size, False, c.height, c.width, args.erasing_p, args.color_jitter, args.seed
+        prepared, c.batch_size, False, c.height, c.width, args.erasing_p, args.color_jitter, args.seed, device=device
     )
+    synchronize(device)
     cache_seconds = time.perf_counter() - started
     assert cached_sizes == sizes and cached_names == names
     train_set = cached["train"].dataset
@@ -188,42 +210,53 @@ def time_training(
         TensorAugment(augment.pad, augment.flip, augment.color_jitter, augment.erasing_p, channels_last=True),
         shuffle=True,
         generator=torch.Generator().manual_seed(args.seed),
+        device=device,
     )
     epoch = len(classic["train"])
-    data_ms = {"classic": data_only_ms(classic["train"], epoch), "cached": data_only_ms(cached["train"], epoch)}
+    data_batches = epoch if c.name == "demo" else min(epoch, 20)
+    data_ms = {path: data_only_ms(cached[phase] if path == "cached" else classic[phase], data_batches, device)
+               for path, phase in (("classic", "train"), ("cached", "train"))}  # fmt: skip
     print(f"  data only (no model): classic {data_ms['classic']:.2f} ms/batch, cached {data_ms['cached']:.2f} ms/batch")
-    # path -> (loader, channels_last, fused SGD)
+    # path -> (loader, channels_last, fused SGD, bfloat16 autocast)
     specs = {
-        "classic": (classic["train"], False, False),
-        "cached": (cached["train"], False, False),
-        "cached+CL": (channels_last_loader, True, False),
-        "cached+fused": (cached["train"], False, True),
-        "cached+CL+fused": (channels_last_loader, True, True),
+        "classic": (classic["train"], False, False, False),
+        "cached": (cached["train"], False, False, False),
+        "cached+CL": (channels_last_loader, True, False, False),
+        "cached+fused": (cached["train"], False, True, False),
+        "cached+CL+fused": (channels_last_loader, True, True, False),
+        "cached+CL+bf16": (channels_last_loader, True, True, True),
     }
     specs = {path: spec for path, spec in specs.items() if path in args.paths or path == "classic"}
+    if "cached+CL+bf16" in specs and device.type == "cpu" and not cpu_has_bf16():
+        print("  cached+CL+bf16 left out: this CPU has no native bfloat16 (AVX-512 BF16 or AMX)")
+        del specs["cached+CL+bf16"]
     torch.manual_seed(args.seed)
     initial = ReIDNet(len(names), c.backbone, pretrained=False, quiet=True)
     models, optimizers = {}, {}
-    for path, (_, channels_last, fused) in specs.items():
-        model = copy.deepcopy(initial)
+    for path, (_, channels_last, fused, _) in specs.items():
+        model = copy.deepcopy(initial).to(device)
         models[path] = model.to(memory_format=torch.channels_last) if channels_last else model
         optimizers[path] = (fused_optimizer if fused else plain_optimizer)(models[path], args.lr)
-    opts = TrainOptions(batchsize=c.batch_size)
     criterion = ReIDLoss()  # plain cross-entropy: no label smoothing, no triplet term
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    cpu = torch.device("cpu")
+    scaler = torch.amp.GradScaler(device.type, enabled=False)  # fp32 and bf16 need no loss scaling
 
     def run(path: str, batches: int) -> tuple[float, int, float]:
         state = {"warm_up": 1.0, "warm_iterations": 1}
         loader = FirstBatches(specs[path][0], batches)
+        bf16 = specs[path][3]
+        opts = TrainOptions(batchsize=c.batch_size, bf16=bf16)
+        synchronize(device)
         start = time.perf_counter()
         loss, _, seen, _ = run_epoch_phase(
-            models[path], loader, "train", cpu, criterion, optimizers[path], opts, state, scaler, False, None
+            models[path], loader, "train", device, criterion, optimizers[path], opts, state, scaler, bf16, None
         )
+        synchronize(device)
         return loss, seen, time.perf_counter() - start
 
     if c.name == "demo":
         per_round, rounds, warmup = epoch, args.demo_epochs, 3  # a round = one whole epoch
+    elif device.type == "cuda":  # fast enough for rounds of several batches; more warm-up for cuDNN's autotuning
+        per_round, rounds, warmup = 10, max(1, args.baseline_batches // 10), 5
     else:
         per_round, rounds, warmup = 1, args.baseline_batches, 1
     for path in specs:
@@ -247,15 +280,18 @@ def time_training(
     return times, cache_seconds, models
 
 
-def time_extraction(config: Config, prepared: Path, models: dict[str, nn.Module], repeats: int) -> Extraction:
+def time_extraction(
+    config: Config, prepared: Path, models: dict[str, nn.Module], repeats: int, device: torch.device
+) -> Extraction:
     """Flip-averaged feature extraction in eval mode, images/s, with ``reid_utils.test.extract_features``."""
     c = config
     folder = prepared / c.extract_folder
     classic = evaluation_loader(folder, c.height, c.width, batch_size=64)
     started = time.perf_counter()
-    cached = cached_evaluation_loader(folder, c.height, c.width, batch_size=64)
+    cached = cached_evaluation_loader(folder, c.height, c.width, batch_size=64, device=device)
+    synchronize(device)
     cache_seconds = time.perf_counter() - started
-    channels_last = CachedLoader(cached.dataset, 64, TensorAugment(channels_last=True))
+    channels_last = CachedLoader(cached.dataset, 64, TensorAugment(channels_last=True), device=device)
     runs = {
         "classic": (models["classic"], classic),
         "cached": (models["classic"], cached),
@@ -264,12 +300,12 @@ def time_extraction(config: Config, prepared: Path, models: dict[str, nn.Module]
     seconds = dict.fromkeys(runs, 0.0)
     features = {}
     for model, loader in runs.values():  # warm-up: one batch each
-        extract_features(model, FirstBatches(loader, 1))
+        extract_features(model, FirstBatches(loader, 1), device=device)
     for index in range(repeats):
         for path in list(runs) if index % 2 == 0 else reversed(list(runs)):
             model, loader = runs[path]
             start = time.perf_counter()
-            features[path] = extract_features(model, loader).features
+            features[path] = extract_features(model, loader, device=device).features  # ends on the CPU: synced
             seconds[path] += time.perf_counter() - start
     n = len(cached.dataset)
     return Extraction(
@@ -301,11 +337,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--color_jitter", action="store_true")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda to time the GPU fast path")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA GPU (torch.cuda.is_available() is False).")
 
     wall = time.perf_counter()
     print(f"CPU: {cpu_name()} ({os.cpu_count()} cores); torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"DataLoader workers: {default_num_workers()}; load average {load_average()}")  # fmt: skip
+    if args.device.startswith("cuda"):
+        print(f"GPU: {torch.cuda.get_device_name(torch.device(args.device))}")
     for path in dict.fromkeys(["classic", *args.paths]):  # classic first and once
         print(f"  {path:<16} {PATHS[path]}")
     augmentation = f"erasing_p={args.erasing_p}, color_jitter={args.color_jitter}"
@@ -328,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"(median round x{median_ratio:.2f})  {t.images} images in {t.seconds:.1f} s, "
                     f"mean loss {statistics.fmean(t.losses):.3f} (per round: {' '.join(f'{x:.2f}' for x in t.losses)})"
                 )
-            extraction = time_extraction(c, prepared, models, args.extract_repeats if name == "demo" else 1)
+            repeats = args.extract_repeats if name == "demo" else 1
+            extraction = time_extraction(c, prepared, models, repeats, torch.device(args.device))
             rates = extraction.rates
             print(
                 f"  extract: {extraction.images} {c.extract_folder} images, flip-averaged, eval mode; cache decoded "
@@ -346,6 +388,14 @@ def main(argv: list[str] | None = None) -> int:
             if fused:
                 best_fused = max(fused, key=lambda p: times[p].rate)
                 line += f", with fused SGD ({best_fused}) x{times[best_fused].rate / base.rate:.2f}"
+            if "cached+CL+bf16" in times:
+                line += f", whole fast path with bf16 x{times['cached+CL+bf16'].rate / base.rate:.2f}"
+            fastest = max(times, key=lambda p: times[p].rate)
+            minutes = 60 * MARKET_TRAIN_IMAGES / times[fastest].rate / 60
+            line += (
+                f"; at {times[fastest].rate:.0f} img/s ({fastest}) 60 epochs of Market-1501's "
+                f"{MARKET_TRAIN_IMAGES:,} training images would take {minutes:.0f} min (training steps only)"
+            )
             best_extract = max(rates["cached"], rates["cached+CL"])
             line += f"; cache build {cache_seconds:.2f} s; extraction x{best_extract / rates['classic']:.2f}"
             summary.append(line)

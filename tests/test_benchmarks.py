@@ -1,0 +1,31 @@
+"""The benchmark scripts still run (tiny settings) and print every figure they promise. No timing is judged."""
+
+import re
+import runpy
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, arguments: list[str], monkeypatch, capsys) -> str:
+    monkeypatch.setattr(sys, "argv", [name, *arguments])
+    try:
+        runpy.run_path(str(ROOT / "benchmarks" / name), run_name="__main__")
+    except SystemExit as end:
+        assert end.code in (0, None), end.code
+    return capsys.readouterr().out
+
+
+def test_bench_train_prints_every_path_and_the_summary(tmp_path, monkeypatch, capsys):
+    out = run_script(
+        "bench_train.py",
+        ["--configs", "demo", "--demo_epochs", "1", "--train_ids", "8", "--test_ids", "6", "--extract_repeats", "1",
+         "--work_dir", str(tmp_path)],
+        monkeypatch, capsys,
+    )  # fmt: skip
+    for path in ("classic", "cached", "cached+CL", "cached+fused", "cached+CL+fused"):
+        match = re.search(rf"train {re.escape(path)} +([\d.]+) img/s", out)
+        assert match and float(match.group(1)) > 0, path
+    assert "features differ by at most 0.0e+00" in out  # same model, same pixels: the same features
+    assert re.search(r"demo: data path .* 60 epochs of Market-1501's 12,936 training images would take \d+ min", out)
