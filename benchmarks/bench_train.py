@@ -57,7 +57,14 @@ from reid_utils.model import ReIDNet
 from reid_utils.prepare import prepare_market
 from reid_utils.synthetic import generate_market, read_summary
 from reid_utils.test import evaluation_loader, extract_features
-from reid_utils.train import ReIDLoss, TrainOptions, build_optimizer, cpu_has_bf16, run_epoch_phase
+from reid_utils.train import (
+    ReIDLoss,
+    TrainOptions,
+    build_optimizer,
+    cpu_has_bf16,
+    reuse_freed_memory,
+    run_epoch_phase,
+)
 
 
 @dataclass(frozen=True)
@@ -338,13 +345,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda to time the GPU fast path")
+    parser.add_argument(
+        "--allocator", choices=["default", "reuse"], default="default",
+        help="reuse: keep freed memory in the process, as --fast_data does on a CPU (a per-process setting: "
+        "bench_cpu_fast_path.py compares the two in separate processes)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.allocator == "reuse" and not reuse_freed_memory():
+        parser.error("--allocator reuse needs Linux with glibc.")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: this machine has no CUDA GPU (torch.cuda.is_available() is False).")
 
     wall = time.perf_counter()
     print(f"CPU: {cpu_name()} ({os.cpu_count()} cores); torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"DataLoader workers: {default_num_workers()}; load average {load_average()}")  # fmt: skip
+          f"DataLoader workers: {default_num_workers()}; allocator: {args.allocator}; "
+          f"load average {load_average()}")  # fmt: skip
     if args.device.startswith("cuda"):
         print(f"GPU: {torch.cuda.get_device_name(torch.device(args.device))}")
     for path in dict.fromkeys(["classic", *args.paths]):  # classic first and once
