@@ -554,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--triplet_weight", type=float, default=d.triplet_weight, help="> 0 adds a triplet loss")
     p.add_argument("--triplet_margin", type=float, default=d.triplet_margin)
     p.add_argument("--instances", type=int, default=d.instances, help="K images per identity (triplet)")
-    p.add_argument("--fast_data", action="store_true", help="decode images once into memory, augment per batch")
+    p.add_argument("--fast_data", action="store_true", help="decode images once into (GPU) memory, batch augmentation")
     p.add_argument("--channels_last", action="store_true", help="NHWC memory layout for the convolutions")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU; CPUs with native bf16)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")

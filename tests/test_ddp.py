@@ -47,16 +47,19 @@ def run_two_processes(tmp_path, data_dir, model_dir, changes: dict, resume: bool
 
 
 def test_two_gloo_processes_stay_identical_and_resume_exactly(tiny_prepared, tmp_path):
-    ranks = run_two_processes(tmp_path, tiny_prepared, tmp_path / "model", {"total_epoch": 2})
-    assert all(skipped <= 2 for skipped in ranks[0]["history"]["skipped"])
+    # the fast data path with P x K batches: both are dealt out between the processes
+    # (the classic path's DistributedSampler is checked in tests/test_data.py)
+    changes = {"total_epoch": 2, "fast_data": True, "triplet_weight": 1.0, "instances": 2}
+    ranks = run_two_processes(tmp_path, tiny_prepared, tmp_path / "model", changes)
+    assert ranks[0]["history"]["skipped"] == [0, 0]  # P x K batches are always full
     run = tmp_path / "model" / "ddp"
     saved = torch.load(run / "net_last.pth", weights_only=False)  # written by rank 0
-    assert saved["epoch"] == 2
+    assert saved["epoch"] == 2 and saved["options"]["fast_data"]
     for key, value in saved["model"].items():
         assert torch.equal(value, ranks[0]["model"][key]), key
     first = torch.load(run / "net_001.pth", weights_only=False)
-    assert len(first["rng"]["processes"]) == 2  # every process's random state, not only rank 0's
-    assert not torch.equal(first["rng"]["processes"][0]["torch"], first["rng"]["processes"][1]["torch"])
+    processes = first["rng"]["processes"]  # every process's random state, not only rank 0's
+    assert len(processes) == 2 and not torch.equal(processes[0]["loader"], processes[1]["loader"])
 
     # Resume from epoch 1 in a copy of the run: both processes continue with their own random numbers,
     # so the run ends with exactly the weights of the uninterrupted one.
@@ -64,17 +67,7 @@ def test_two_gloo_processes_stay_identical_and_resume_exactly(tiny_prepared, tmp
     shutil.copytree(run, copy)
     for later in ("net_002.pth", "net_last.pth"):
         (copy / later).unlink()
-    resumed = run_two_processes(tmp_path, tiny_prepared, tmp_path / "resumed", {"total_epoch": 2}, resume=True)
+    resumed = run_two_processes(tmp_path, tiny_prepared, tmp_path / "resumed", changes, resume=True)
     for key, value in ranks[0]["model"].items():
         assert torch.equal(resumed[0]["model"][key], value), key
     assert resumed[0]["history"]["train_loss"] == ranks[0]["history"]["train_loss"]
-
-
-def test_fast_data_and_pk_batches_shard_over_processes(tiny_prepared, tmp_path):
-    changes = {"fast_data": True, "triplet_weight": 1.0, "instances": 2}
-    ranks = run_two_processes(tmp_path, tiny_prepared, tmp_path / "model", changes)
-    assert ranks[0]["history"]["skipped"] == [0]  # P x K batches are always full
-    saved = torch.load(tmp_path / "model" / "ddp" / "net_last.pth", weights_only=False)
-    assert saved["options"]["fast_data"] and saved["epoch"] == 1
-    for key, value in saved["model"].items():
-        assert torch.equal(value, ranks[0]["model"][key]), key
