@@ -347,7 +347,8 @@ def build_dataloaders(
     if image_datasets["train"].classes != image_datasets["val"].classes:
         raise ValueError(f"{data_dir}: train and val hold different identities; run prepare again.")
     workers = default_num_workers() if num_workers is None else num_workers
-    generator = torch.Generator().manual_seed(seed)
+    # seed + rank: under torchrun each process's workers draw their own augmentations (rank 0: just seed)
+    generator = torch.Generator().manual_seed(seed + shard[0])
     train_sampler = None
     if instances > 0:
         from reid_utils.samplers import PKSampler

@@ -18,7 +18,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -157,9 +157,30 @@ def distributed_context() -> tuple[int, int]:
     return dist.get_rank(), world_size
 
 
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (Linux), or ``None`` where that file does not exist."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
 def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), so that bf16 autocast pays there."""
-    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), so that bf16 autocast pays there.
+
+    oneDNN's own query also says yes on AVX-512 CPUs without these instructions, where bfloat16 is emulated
+    and slower than float32; so on Linux the CPU's flags decide.
+    """
+    flags = cpu_flags()
+    if flags is not None:
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without this query: assume not, train in float32
+        return False
 
 
 def reuse_freed_memory() -> bool:
@@ -399,6 +420,8 @@ def train(
     if world_size > 1:
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
         device, gpu_ids = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"), []
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL collectives (e.g. all_gather_object) use the current device
         dist.barrier()  # nobody starts before the old run is cleared away
     else:
         device, gpu_ids = select_device(opts.gpu_ids, quiet=quiet)
@@ -439,10 +462,12 @@ def train(
         model = nn.DataParallel(model, device_ids=gpu_ids)  # splits each batch over the GPUs
     optimizer = build_optimizer(model, opts.lr)
     scheduler = build_scheduler(optimizer, opts.total_epoch, opts.cosine)
-    use_amp, notice = choose_precision(opts, device)
+    # The options as this machine runs them (--bf16 may fall back); opts.yaml keeps what was asked for.
+    step_opts = replace(opts)
+    use_amp, notice = choose_precision(step_opts, device)
     if notice and not quiet:
         print(notice)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and not opts.bf16)  # bf16 needs no loss scaling
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and not step_opts.bf16)  # bf16: no loss scaling
     if opts.compile:
         model = torch.compile(model)
     criterion = ReIDLoss(opts.label_smoothing, opts.triplet_weight, opts.triplet_margin)
@@ -451,7 +476,7 @@ def train(
     state = {"warm_up": 0.1 if opts.warm_epoch > 0 else 1.0, "warm_iterations": warm_iterations}
     start_epoch = 0
     if resume:
-        checkpoint = torch.load(existing, map_location=device, weights_only=False)
+        checkpoint = torch.load(existing, map_location="cpu", weights_only=False)  # load_state_dict moves weights
         try:
             check_weights_fit(_unwrap(model), checkpoint["model"], str(existing))
         except ValueError as err:
@@ -468,6 +493,10 @@ def train(
         rng = per_process[rank] if len(per_process) == world_size else per_process[0]
         torch.set_rng_state(rng["torch"])
         loaders["train"].generator.set_state(rng["loader"])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)  # dropout on the GPU draws from here
+        if checkpoint.get("scaler"):  # empty when the saving run did not scale its loss
+            scaler.load_state_dict(checkpoint["scaler"])  # the float16 loss scale reached so far
         if not quiet:
             print(f"Resuming {opts.name} from {existing.name} (epoch {start_epoch} of {opts.total_epoch}).")
     folder.mkdir(parents=True, exist_ok=True)
@@ -486,7 +515,8 @@ def train(
                 loaders["train"].sampler.set_epoch(epoch)  # the P x K sampler reshuffles per epoch, reproducibly
             for phase in ("train", "val"):
                 loss, acc, _, skipped = run_epoch_phase(
-                    model, loaders[phase], phase, device, criterion, optimizer, opts, state, scaler, use_amp, progress
+                    model, loaders[phase], phase, device, criterion, optimizer, step_opts, state, scaler, use_amp,
+                    progress,
                 )  # fmt: skip
                 history[f"{phase}_loss"].append(loss)
                 history[f"{phase}_err"].append(1.0 - acc)
@@ -500,6 +530,8 @@ def train(
             done = epoch + 1
             if done % opts.save_every == 0 or done == opts.total_epoch:
                 rng = {"torch": torch.get_rng_state(), "loader": loaders["train"].generator.get_state()}
+                if device.type == "cuda":
+                    rng["cuda"] = torch.cuda.get_rng_state(device)
                 if world_size > 1:  # every process's random state, so a resumed run draws what it would have
                     processes = [None] * world_size
                     dist.all_gather_object(processes, rng)
@@ -508,7 +540,7 @@ def train(
                 checkpoint = {
                     "epoch": done, "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "history": history, "state": state, "rng": rng,
-                    "options": asdict(opts),
+                    "scaler": scaler.state_dict(), "options": asdict(opts),
                 }  # fmt: skip
                 if done % opts.save_every == 0:
                     _atomic_save(checkpoint, folder / f"net_{done:03d}.pth")

@@ -216,6 +216,22 @@ def test_bf16_autocasts_on_a_cpu_that_computes_bfloat16(tiny_prepared, tmp_path,
     bf16 = train(tiny_options(tiny_prepared, tmp_path / "bf16", total_epoch=1, save_every=1, bf16=True), quiet=True)
     assert bf16["train_loss"] != fp32["train_loss"]  # the arithmetic changed: the model ran in bfloat16
     assert math.isclose(bf16["train_loss"][0], fp32["train_loss"][0], rel_tol=0.05)  # the same run otherwise
+    # a CPU without bfloat16: float32 arithmetic, but opts.yaml keeps the request for a resume elsewhere
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: False)
+    fallback = train(tiny_options(tiny_prepared, tmp_path / "fb", total_epoch=1, save_every=1, bf16=True), quiet=True)
+    assert fallback["train_loss"] == fp32["train_loss"]
+    assert yaml.safe_load((tmp_path / "fb" / "tiny" / "opts.yaml").read_text())["bf16"] is True
+
+
+def test_cpu_bf16_is_decided_by_the_cpu_flags(monkeypatch):
+    monkeypatch.setattr(train_module, "cpu_flags", lambda: {"avx512f", "avx512bw", "avx512vl"})  # Skylake-SP
+    assert train_module.cpu_has_bf16() is False  # AVX-512 alone: bfloat16 would be emulated, slower than float32
+    monkeypatch.setattr(train_module, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})  # Zen 4, Cooper Lake
+    assert train_module.cpu_has_bf16() is True
+    monkeypatch.setattr(train_module, "cpu_flags", lambda: {"amx_bf16", "amx_tile"})  # Sapphire Rapids
+    assert train_module.cpu_has_bf16() is True
+    monkeypatch.undo()
+    assert "fpu" in (train_module.cpu_flags() or {"fpu"})  # this Linux machine's real flags are read
 
 
 def test_precision_choices_and_their_notices(monkeypatch):
