@@ -349,18 +349,10 @@ def build_dataloaders(
     workers = default_num_workers() if num_workers is None else num_workers
     # seed + rank: under torchrun each process's workers draw their own augmentations (rank 0: just seed)
     generator = torch.Generator().manual_seed(seed + shard[0])
-    train_sampler = None
-    if instances > 0:
-        from reid_utils.samplers import PKSampler
+    from reid_utils.samplers import training_sampler
 
-        train_sampler = PKSampler(
-            image_datasets["train"].targets, batch_size // instances, instances, seed=seed, shard=shard
-        )
-    elif shard[1] > 1:
-        rank, world = shard
-        train_sampler = torch.utils.data.DistributedSampler(
-            image_datasets["train"], world, rank, shuffle=True, seed=seed
-        )
+    train_set = image_datasets["train"]
+    train_sampler = training_sampler(train_set, train_set.targets, batch_size, instances, seed, shard)
     loaders = {
         phase: torch.utils.data.DataLoader(
             image_datasets[phase],

@@ -544,17 +544,11 @@ def build_cached_loaders(
     }
     if image_datasets["train"].classes != image_datasets["val"].classes:
         raise ValueError(f"{data_dir}: train and val hold different identities; run prepare again.")
-    rank, world = shard
-    generator = torch.Generator().manual_seed(seed + rank)
-    train_sampler = None
-    if instances > 0:
-        from reid_utils.samplers import PKSampler
+    from reid_utils.samplers import training_sampler
 
-        train_sampler = PKSampler(
-            image_datasets["train"].targets, batch_size // instances, instances, seed=seed, shard=shard
-        )
-    elif world > 1:
-        train_sampler = torch.utils.data.DistributedSampler(image_datasets["train"], world, rank, True, seed)
+    generator = torch.Generator().manual_seed(seed + shard[0])
+    train_set = image_datasets["train"]
+    train_sampler = training_sampler(train_set, train_set.targets, batch_size, instances, seed, shard)
     loaders = {
         "train": CachedLoader(
             image_datasets["train"],

@@ -10,10 +10,10 @@ CVPRW 2019, use P=16, K=4 (batch size 64).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 
 
 class PKSampler(Sampler[int]):
@@ -119,3 +119,25 @@ class PKSampler(Sampler[int]):
         batches = self._batches()
         if batches:
             yield from torch.cat(batches).tolist()
+
+
+def training_sampler(
+    dataset: Sized,
+    labels: Sequence[int] | torch.Tensor,
+    batch_size: int,
+    instances: int = 0,
+    seed: int = 0,
+    shard: tuple[int, int] = (0, 1),
+) -> Sampler[int] | None:
+    """The order of the training images, shared by the classic and the cached loaders.
+
+    P x K batches (``batch_size // instances`` identities x ``instances`` images) when ``instances > 0``; else,
+    under several processes (``shard=(rank, world)``), this process's part of one shuffled order
+    (``DistributedSampler``); else ``None``: the loader shuffles by itself. Both samplers want ``set_epoch``.
+    """
+    if instances > 0:
+        return PKSampler(labels, batch_size // instances, instances, seed=seed, shard=shard)
+    rank, world = shard
+    if world > 1:
+        return DistributedSampler(dataset, world, rank, shuffle=True, seed=seed)
+    return None
