@@ -221,8 +221,10 @@ def time_training(
     )
     epoch = len(classic["train"])
     data_batches = epoch if c.name == "demo" else min(epoch, 20)
-    data_ms = {path: data_only_ms(cached[phase] if path == "cached" else classic[phase], data_batches, device)
-               for path, phase in (("classic", "train"), ("cached", "train"))}  # fmt: skip
+    data_ms = {
+        "classic": data_only_ms(classic["train"], data_batches, device),
+        "cached": data_only_ms(cached["train"], data_batches, device),
+    }
     print(f"  data only (no model): classic {data_ms['classic']:.2f} ms/batch, cached {data_ms['cached']:.2f} ms/batch")
     # path -> (loader, channels_last, fused SGD, bfloat16 autocast)
     specs = {
