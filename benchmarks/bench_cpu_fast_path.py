@@ -1,7 +1,7 @@
 """The whole CPU fast path of ``--fast_data`` against the plain classic loop, each in its own processes.
 
 Our trainer with ``--fast_data`` on a CPU differs from the plain classic loop in three ways: the decoded uint8
-cache with batched augmentation, ``reid_utils.train.reuse_freed_memory`` (glibc keeps freed memory instead of
+cache with batched augmentation, ``reid_utils.speed.reuse_freed_memory`` (glibc keeps freed memory instead of
 handing it back to the OS every step), and the fused SGD update (``build_optimizer`` uses it with or without
 ``--fast_data``). The last one is a setting of the whole process, so
 ``bench_train.py`` -- which interleaves all its paths in one process -- cannot show it next to a plain classic

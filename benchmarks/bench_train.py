@@ -1,11 +1,12 @@
 """Time training and feature extraction on the CPU: the classic DataLoader path against the cached tensor path.
 
 Ways to feed the same model the same kind of batches, all trained by the trainer's own
-``reid_utils.train.run_epoch_phase`` (SGD from ``build_optimizer``, cross-entropy loss):
+``reid_utils.train.train_one_phase`` (SGD from ``build_optimizer``, cross-entropy loss):
 
 * ``classic``         -- ``reid_utils.data.build_dataloaders``: ``ImageFolder`` + PIL decode, resize and augment
   every image of every epoch, ``default_num_workers()`` worker processes (0 on a 2-core machine);
-* ``cached``          -- ``reid_utils.fastdata.build_cached_loaders``: decoded once, batches augmented as tensors;
+* ``cached``          -- ``build_dataloaders(..., backend=fastdata.CachedData())``: decoded once, batches augmented
+                         as tensors;
 * ``cached+CL``       -- the same, with the model and its inputs in ``channels_last`` memory format;
 * ``cached+fused``    -- ``cached`` with ``build_optimizer``'s SGD built with ``fused=True`` (same numbers, one
   kernel per parameter). Not a data-path change: it shows what else a CPU step can save;
@@ -52,19 +53,14 @@ import torch
 from torch import nn
 
 from reid_utils.data import build_dataloaders, default_num_workers
-from reid_utils.fastdata import CachedLoader, TensorAugment, build_cached_loaders, cached_evaluation_loader
+from reid_utils.fastdata import CachedData, CachedLoader, TensorAugment
+from reid_utils.losses import ReIDLoss
 from reid_utils.model import ReIDNet
 from reid_utils.prepare import prepare_market
+from reid_utils.speed import Autocast, cpu_has_bf16, reuse_freed_memory
 from reid_utils.synthetic import generate_market, read_summary
 from reid_utils.test import evaluation_loader, extract_features
-from reid_utils.train import (
-    ReIDLoss,
-    TrainOptions,
-    build_optimizer,
-    cpu_has_bf16,
-    reuse_freed_memory,
-    run_epoch_phase,
-)
+from reid_utils.train import build_optimizer, train_one_phase
 
 
 @dataclass(frozen=True)
@@ -119,11 +115,11 @@ class Extraction:
 class FirstBatches:
     """The first ``n`` batches of a loader (a fresh epoch each time), with the loader's ``dataset``.
 
-    Lets the trainer's ``run_epoch_phase`` time a part of an epoch on the slow configuration.
+    Lets the trainer's ``train_one_phase`` time a part of an epoch on the slow configuration.
     """
 
     def __init__(self, loader, n: int) -> None:
-        self.loader, self.n, self.dataset = loader, n, loader.dataset
+        self.loader, self.n, self.dataset, self.batch_size = loader, n, loader.dataset, loader.batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for index, batch in enumerate(self.loader):
@@ -195,12 +191,13 @@ def time_training(
     c = config
     device = torch.device(args.device)
     classic, sizes, names = build_dataloaders(
-        prepared, c.batch_size, False, c.height, c.width, args.erasing_p, args.color_jitter, None, args.seed
+        prepared, c.batch_size, False, c.height, c.width, args.erasing_p, args.color_jitter, args.seed
     )
     started = time.perf_counter()
-    cached, cached_sizes, cached_names = build_cached_loaders(
-        prepared, c.batch_size, False, c.height, c.width, args.erasing_p, args.color_jitter, args.seed, device=device
-    )
+    cached, cached_sizes, cached_names = build_dataloaders(
+        prepared, c.batch_size, False, c.height, c.width, args.erasing_p, args.color_jitter, args.seed,
+        backend=CachedData(device=device),
+    )  # fmt: skip
     synchronize(device)
     cache_seconds = time.perf_counter() - started
     assert cached_sizes == sizes and cached_names == names
@@ -247,20 +244,18 @@ def time_training(
         models[path] = model.to(memory_format=torch.channels_last) if channels_last else model
         optimizers[path] = (fused_optimizer if fused else plain_optimizer)(models[path], args.lr)
     criterion = ReIDLoss()  # plain cross-entropy: no label smoothing, no triplet term
-    scaler = torch.amp.GradScaler(device.type, enabled=False)  # fp32 and bf16 need no loss scaling
 
     def run(path: str, batches: int) -> tuple[float, int, float]:
-        state = {"warm_up": 1.0, "warm_iterations": 1}
         loader = FirstBatches(specs[path][0], batches)
-        bf16 = specs[path][3]
-        opts = TrainOptions(batchsize=c.batch_size, bf16=bf16)
+        model, loss_fn = models[path], criterion
+        if specs[path][3]:  # bfloat16 autocast, wrapped around the loop as the trainer does (no loss scaling)
+            bf16 = torch.bfloat16
+            model, loss_fn = Autocast(model, device.type, bf16), Autocast(criterion, device.type, bf16)
         synchronize(device)
         start = time.perf_counter()
-        loss, _, seen, _ = run_epoch_phase(
-            models[path], loader, "train", device, criterion, optimizers[path], opts, state, scaler, bf16, None
-        )
+        result = train_one_phase(model, loader, "train", loss_fn, optimizers[path], device)
         synchronize(device)
-        return loss, seen, time.perf_counter() - start
+        return result.loss, result.seen, time.perf_counter() - start
 
     if c.name == "demo":
         per_round, rounds, warmup = epoch, args.demo_epochs, 3  # a round = one whole epoch
@@ -297,7 +292,7 @@ def time_extraction(
     folder = prepared / c.extract_folder
     classic = evaluation_loader(folder, c.height, c.width, batch_size=64)
     started = time.perf_counter()
-    cached = cached_evaluation_loader(folder, c.height, c.width, batch_size=64, device=device)
+    cached = evaluation_loader(folder, c.height, c.width, batch_size=64, backend=CachedData(device=device))
     synchronize(device)
     cache_seconds = time.perf_counter() - started
     channels_last = CachedLoader(cached.dataset, 64, TensorAugment(channels_last=True), device=device)

@@ -1,11 +1,27 @@
-"""Helpers for the person re-identification tutorial series.
+"""Helpers for the person re-identification tutorial series, one module per stage.
 
-One module per stage, in the order the notebooks teach them: ``synthetic`` (an embedded
-Market-format data set), ``data`` (names, finding the data, transforms, loaders), ``prepare``
-(Market-1501 -> ImageFolder), ``model``, ``train`` (the loop, checkpoints, the CLI), ``test``
-(features), ``metrics`` (CMC / mAP), ``rerank``, ``visualize``; then ``losses``, ``samplers``
-and ``fastdata`` for the tricks and speed, ``own_data`` for your own crops, ``exercises`` and
-``student`` for the classroom, and ``series`` to run every notebook.
+The stages, in the order the notebooks teach them:
+
+- ``synthetic``  -- an embedded data set in the Market-1501 format, drawn offline in seconds (01)
+- ``data``       -- file names, finding the data, the transforms, the ``ImageFolder`` loaders (01)
+- ``prepare``    -- Market-1501 -> the ``train/ val/ train_all/ query/ gallery/`` layout (01)
+- ``model``      -- ResNet backbone, pooling, ``ClassBlock``; the device (02)
+- ``train``      -- the classic training loop, a whole run, the command line (03)
+- ``runs``       -- a run folder: ``opts.yaml``, checkpoints, the newest one (03, 04)
+- ``test``       -- flip-averaged features of a trained run, the command line (04)
+- ``metrics``    -- CMC and mAP under the Market-1501 protocol (04)
+- ``rerank``     -- k-reciprocal re-ranking (05)
+- ``visualize``  -- image grids, live training curves, ranked lists (01-05)
+
+Beside them, the extras:
+
+- ``losses``, ``samplers``  -- the tricks: label smoothing, warm-up, triplet loss, P x K batches (06)
+- ``fastdata``    -- the fast data path: images decoded once, batches augmented as tensors (06)
+- ``speed``       -- mixed precision, the CPU's abilities, the allocator (06)
+- ``distributed`` -- several processes with ``torchrun`` (06)
+- ``own_data``    -- your own crops in the Market-1501 format (06)
+- ``files``       -- writing files and folders so that nothing is ever left half-written
+- ``exercises``, ``student``, ``series`` -- the classroom: checkers, the student copy, running every notebook
 """
 
 __version__ = "0.1.0"

@@ -2,20 +2,26 @@
 
 Everything here works the same on the real ``Market-1501-v15.09.15`` folder and on the
 embedded synthetic set, because both use the same folder layout and the same file names.
+
+``build_dataloaders`` builds the training loaders of the classic ``train.py`` (``ImageFolder`` +
+``DataLoader``). The same builder drives the faster data path of ``reid_utils.fastdata``: it is
+handed another *backend*, an object that makes the datasets and loaders the same way.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from PIL import Image
 from torchvision import datasets, transforms
+
+from reid_utils import synthetic
+from reid_utils.samplers import training_sampler
 
 # ImageNet statistics: the backbone was pre-trained on images normalised this way.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -133,8 +139,6 @@ def find_dataset(
 
 def ensure_synthetic(path: str | os.PathLike) -> Path:
     """The default synthetic set at ``path``, generated only when missing or made with other settings."""
-    from reid_utils import synthetic
-
     path = Path(path)
     summary = synthetic.read_summary(path)
     wanted = (0, synthetic.DEFAULT_TRAIN_IDS, synthetic.DEFAULT_TEST_IDS)
@@ -155,48 +159,20 @@ def _announce(location: DatasetLocation, quiet: bool) -> DatasetLocation:
     return location
 
 
-def replace_problem(
-    target: Path, overwrite: bool, made_by_this_tool: bool, marker: str, tool: str = "this tool"
-) -> str | None:
-    """Why a tool may not (re)write ``target``, or None: only an empty folder or one it made is replaced.
-
-    ``--overwrite`` must never delete a folder of the user's that happens to have the same name.
-    """
-    if not target.exists() and not target.is_symlink():
-        return None
-    if not overwrite:
-        return f"{target} already exists. Pass --overwrite or choose another folder."
-    if not target.is_dir() or target.is_symlink():
-        return f"{target} exists and is not a folder. Remove it or choose another folder."
-    if not made_by_this_tool and any(target.iterdir()):
-        return (
-            f"{target} is not empty and was not made by {tool} (no {marker}); refusing to replace it. "
-            f"Remove it yourself or choose another folder."
-        )
-    return None
-
-
-def swap_into_place(staging: Path, target: Path) -> None:
-    """Rename a finished folder to ``target``; an older ``target`` is deleted only after the swap.
-
-    Every tool that writes a data folder builds it under a temporary name first, so a crash never
-    leaves a half-written folder under the real name.
-    """
-    if not target.exists():
-        staging.rename(target)
-        return
-    retired = target.parent / f".{target.name}.old-{os.getpid()}"
-    shutil.rmtree(retired, ignore_errors=True)
-    target.rename(retired)
-    try:
-        staging.rename(target)
-    except BaseException:
-        retired.rename(target)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------- transforms
+
+
+def check_transform_options(height: int, width: int, erasing_p: float) -> None:
+    """Options both data paths reject before any image is touched."""
+    if not 0.0 <= erasing_p <= 1.0:
+        raise ValueError(f"erasing_p must be between 0 and 1, got {erasing_p}.")
+    if height < 16 or width < 8:
+        raise ValueError(f"input size {height}x{width} is too small; use at least 16x8.")
+
+
+def default_pad(height: int) -> int:
+    """The padding of the classic transforms: 10 pixels at 256x128, scaled with the height for smaller inputs."""
+    return max(1, round(10 * height / 256))
 
 
 def build_transforms(
@@ -214,12 +190,9 @@ def build_transforms(
     which is the mean colour of the normalised images. ``pad`` defaults to 10 pixels at
     256x128 and scales with the height for smaller demo inputs.
     """
-    if not 0.0 <= erasing_p <= 1.0:
-        raise ValueError(f"erasing_p must be between 0 and 1, got {erasing_p}.")
-    if height < 16 or width < 8:
-        raise ValueError(f"input size {height}x{width} is too small; use at least 16x8.")
+    check_transform_options(height, width, erasing_p)
     if pad is None:
-        pad = max(1, round(10 * height / 256))
+        pad = default_pad(height)
     size = (height, width)
     bicubic = transforms.InterpolationMode.BICUBIC
     normalise = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
@@ -279,9 +252,14 @@ def image_folder(folder: str | os.PathLike, transform, skip_corrupt: bool = Fals
             keep = [(path, target) for path, target in dataset.samples if path not in set(broken)]
             dataset.samples = dataset.imgs = keep
             dataset.targets = [target for _, target in keep]
-            names = ", ".join(Path(p).name for p in broken[:3]) + (" ..." if len(broken) > 3 else "")
-            print(f"Skipped {len(broken)} unreadable image(s) in {display_path(folder)}: {names}")
+            report_skipped(folder, broken)
     return dataset
+
+
+def report_skipped(folder: str | os.PathLike, broken: list[str]) -> None:
+    """One line naming the unreadable images that ``skip_corrupt`` left out."""
+    names = ", ".join(Path(p).name for p in broken[:3]) + (" ..." if len(broken) > 3 else "")
+    print(f"Skipped {len(broken)} unreadable image(s) in {display_path(folder)}: {names}")
 
 
 def default_num_workers() -> int:
@@ -313,6 +291,48 @@ def check_test_folder(folder: Path) -> None:
         )
 
 
+class DataBackend(Protocol):
+    """How one data path makes datasets and loaders (``ClassicData`` here, ``fastdata.CachedData``)."""
+
+    def dataset(
+        self, folder: Path, height: int, width: int, augment: bool = False, erasing_p: float = 0.0,
+        color_jitter: bool = False, skip_corrupt: bool = False,
+    ): ...  # fmt: skip
+
+    def loader(
+        self, dataset, batch_size: int, sampler=None, shuffle: bool = False, generator=None, persistent: bool = False
+    ): ...
+
+
+class ClassicData:
+    """The classic data path: ``ImageFolder`` + ``DataLoader``; every image is decoded, resized and
+    augmented again in every epoch, by ``num_workers`` worker processes (none on small machines)."""
+
+    def __init__(self, num_workers: int | None = None) -> None:
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+
+    def dataset(
+        self, folder: Path, height: int, width: int, augment: bool = False, erasing_p: float = 0.0,
+        color_jitter: bool = False, skip_corrupt: bool = False,
+    ) -> datasets.ImageFolder:  # fmt: skip
+        transform = build_transforms(height, width, erasing_p, color_jitter)["train" if augment else "val"]
+        return image_folder(folder, transform, skip_corrupt)
+
+    def loader(
+        self, dataset, batch_size: int, sampler=None, shuffle: bool = False, generator=None, persistent: bool = False
+    ) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=persistent and torch.cuda.is_available(),
+            persistent_workers=persistent and self.num_workers > 0,
+            generator=generator,
+        )
+
+
 def build_dataloaders(
     data_dir: str | os.PathLike,
     batch_size: int = 32,
@@ -321,13 +341,13 @@ def build_dataloaders(
     width: int = 128,
     erasing_p: float = 0.0,
     color_jitter: bool = False,
-    num_workers: int | None = None,
     seed: int = 0,
     instances: int = 0,
     skip_corrupt: bool = False,
     shard: tuple[int, int] = (0, 1),
+    backend: DataBackend | None = None,
 ) -> tuple[dict[str, torch.utils.data.DataLoader], dict[str, int], list[str]]:
-    """``ImageFolder`` datasets and loaders for the ``train`` and ``val`` phases, as in the classic ``train.py``.
+    """Datasets and loaders for the ``train`` and ``val`` phases, as in the classic ``train.py``.
 
     With ``train_all`` the training phase reads ``train_all/`` (every training image);
     the validation images are then also seen in training, so val accuracy is optimistic.
@@ -335,36 +355,28 @@ def build_dataloaders(
     (the P x K sampling a triplet loss needs) instead of shuffling images. ``skip_corrupt`` leaves
     unreadable images out (with a notice) instead of stopping at the first one. ``shard=(rank, world)``
     gives each of ``world`` processes its own part of every training epoch (``DistributedSampler``).
+    ``backend`` is the data path: ``ClassicData()`` by default, ``fastdata.CachedData()`` for the fast one.
     Returns the loaders, ``dataset_sizes`` and the class names (the person ids).
     """
     data_dir = Path(data_dir)
     train_folder = check_prepared(data_dir, train_all)
-    tfs = build_transforms(height, width, erasing_p, color_jitter)
+    check_transform_options(height, width, erasing_p)
+    backend = ClassicData() if backend is None else backend
     image_datasets = {
-        "train": image_folder(data_dir / train_folder, tfs["train"], skip_corrupt),
-        "val": image_folder(data_dir / "val", tfs["val"], skip_corrupt),
+        "train": backend.dataset(data_dir / train_folder, height, width, True, erasing_p, color_jitter, skip_corrupt),
+        "val": backend.dataset(data_dir / "val", height, width, skip_corrupt=skip_corrupt),
     }
     if image_datasets["train"].classes != image_datasets["val"].classes:
         raise ValueError(f"{data_dir}: train and val hold different identities; run prepare again.")
-    workers = default_num_workers() if num_workers is None else num_workers
-    # seed + rank: under torchrun each process's workers draw their own augmentations (rank 0: just seed)
+    # seed + rank: under torchrun each process draws its own augmentations (rank 0: just seed)
     generator = torch.Generator().manual_seed(seed + shard[0])
-    from reid_utils.samplers import training_sampler
-
     train_set = image_datasets["train"]
     train_sampler = training_sampler(train_set, train_set.targets, batch_size, instances, seed, shard)
     loaders = {
-        phase: torch.utils.data.DataLoader(
-            image_datasets[phase],
-            batch_size=batch_size,
-            shuffle=phase == "train" and train_sampler is None,
-            sampler=train_sampler if phase == "train" else None,
-            num_workers=workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=workers > 0,
-            generator=generator if phase == "train" else None,
-        )
-        for phase in ("train", "val")
+        "train": backend.loader(
+            train_set, batch_size, train_sampler, shuffle=train_sampler is None, generator=generator, persistent=True
+        ),
+        "val": backend.loader(image_datasets["val"], batch_size, persistent=True),
     }
     dataset_sizes = {phase: len(image_datasets[phase]) for phase in ("train", "val")}
     return loaders, dataset_sizes, image_datasets["train"].classes

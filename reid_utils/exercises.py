@@ -6,7 +6,7 @@ The hint names the failing input, the expected value and the returned one, and w
 typical mistake it says which. The learner's exceptions become a ``✗ not yet:`` line, never a traceback.
 
 The expected values come from the library wherever it has them (``parse_market_name``, the real
-``ClassBlock``, ``metrics.evaluate``); the skip rule is a one-line copy of ``run_epoch_phase``'s that the tests
+``ClassBlock``, ``metrics.evaluate``); the skip rule is a one-line copy of ``train_one_phase``'s that the tests
 hold to the training loop, and k-reciprocal neighbours a plain reference below. The checkers use fixed inputs
 and leave the global random state alone, so their output is the same on every run.
 """
@@ -225,10 +225,10 @@ SHOULD_SKIP_CASES = (
 
 
 def skip_rule(batch_images: int, batch_size: int, phase: str) -> bool:
-    """The rule of ``reid_utils.train.run_epoch_phase``: only a short *training* batch is skipped.
+    """The rule of ``reid_utils.train.train_one_phase``: only a short *training* batch is skipped.
 
     A copy, so that the checker does not depend on the training loop's signature; ``tests/test_exercises.py``
-    runs ``run_epoch_phase`` on the cases above to prove the two agree.
+    runs ``train_one_phase`` on the cases above to prove the two agree.
     """
     return phase == "train" and batch_images < batch_size
 
@@ -253,7 +253,7 @@ def _judge_skip(case: tuple[int, int, str], outcome: Any) -> str | None:
 
 
 def check_should_skip(fn: Callable[[int, int, str], bool]) -> bool:
-    """Notebook 03: ``should_skip(batch_images, batch_size, phase)``, the rule of ``run_epoch_phase``."""
+    """Notebook 03: ``should_skip(batch_images, batch_size, phase)``, the rule of ``train_one_phase``."""
     return _run("should_skip", fn, SHOULD_SKIP_CASES, lambda f, case: f(*case), _judge_skip)
 
 

@@ -11,7 +11,7 @@ The random part -- crop, flip, colour jitter, random erasing -- is then applied 
 with tensor operations (``TensorAugment``): about 0.25 ms for the same batch (1.2 ms with jitter and
 erasing). ``CachedLoader`` hands out batches with the interface of a ``DataLoader`` (``for images, labels
 in loader``, ``len(loader)``, ``loader.dataset``, ``loader.generator``, ``loader.sampler``), and
-``build_cached_loaders`` is a drop-in for ``build_dataloaders``.
+``CachedData`` is the backend that makes ``reid_utils.data.build_dataloaders`` build them.
 
 How much faster training gets depends on how much of a step the data took (Amdahl's law): with ResNet-18
 at 64x32 on 2 CPU cores the model's forward, backward and SGD step take ~70 ms per batch, so saving ~9 ms of
@@ -21,7 +21,7 @@ data time makes training about 1.1-1.2x faster, while feature extraction (a ligh
 Memory: one image costs ``3 * H * W`` bytes. Market-1501's 12,936 training crops take about 1.3 GB at
 256x128 and about 320 MB at 128x64 (80 MB at the 64x32 demo size). Images are kept as ``uint8``, four
 times smaller than ``float32``; conversion to float happens per batch. Decoding them all takes a few
-seconds (PIL, in a few threads), once per run -- or never again with a ``cache_dir``.
+seconds (PIL, in a few threads), once per run.
 
 What stays the same: the decoded, resized pixels are exactly those of ``transforms.Resize`` on the PIL
 image (same PIL call), and without augmentation a batch equals ``ToTensor`` + ``Normalize`` bit for bit.
@@ -39,12 +39,9 @@ generator state resumes it exactly.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -56,27 +53,21 @@ from torch.utils.data import Dataset, Sampler
 from torchvision import datasets, transforms
 from torchvision.transforms import functional as TF
 
-from reid_utils.data import IMAGENET_MEAN, IMAGENET_STD, check_prepared, check_test_folder
+from reid_utils.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CorruptImageError,
+    check_transform_options,
+    default_pad,
+    read_image,
+    report_skipped,
+)
 
-CACHE_FORMAT_VERSION = 1
 # torchvision's RandomErasing defaults: the box covers 2-33 % of the image, height/width between 0.3 and 3.3.
 ERASING_SCALE = (0.02, 0.33)
 ERASING_RATIO = (0.3, 3.3)
 ERASING_ATTEMPTS = 10  # like torchvision: give up (leave the image alone) after 10 boxes that do not fit
 GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
-
-
-def default_pad(height: int) -> int:
-    """The padding of the classic transforms: 10 pixels at 256x128, scaled with the height for smaller inputs."""
-    return max(1, round(10 * height / 256))
-
-
-def check_transform_options(height: int, width: int, erasing_p: float) -> None:
-    """The checks (and messages) of ``reid_utils.data.build_transforms``, so both paths reject the same options."""
-    if not 0.0 <= erasing_p <= 1.0:
-        raise ValueError(f"erasing_p must be between 0 and 1, got {erasing_p}.")
-    if height < 16 or width < 8:
-        raise ValueError(f"input size {height}x{width} is too small; use at least 16x8.")
 
 
 # --------------------------------------------------------------------------- decode once
@@ -85,10 +76,10 @@ def check_transform_options(height: int, width: int, erasing_p: float) -> None:
 def decode_image(path: str | os.PathLike, height: int, width: int) -> np.ndarray:
     """One image as ``ImageFolder`` + ``transforms.Resize((height, width), BICUBIC)`` see it: ``H x W x 3`` uint8.
 
-    The very same calls as the classic path (torchvision's default loader, then the functional resize on
+    The very same calls as the classic path (its loader ``read_image``, then the functional resize on
     the PIL image), so the cache holds exactly the pixels the classic transforms start from.
     """
-    image = datasets.folder.default_loader(str(path))
+    image = read_image(str(path))
     image = TF.resize(image, [height, width], interpolation=transforms.InterpolationMode.BICUBIC)
     return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy warns about read-only arrays
 
@@ -106,14 +97,10 @@ class CachedImageFolder(Dataset):
     ``samples`` (``(path, class_index)`` pairs) and the order of the images are exactly those of the
     classic dataset; ``targets`` is the class index of every image as an int64 tensor.
 
-    ``cache_dir`` (default ``None``: none) keeps the decoded tensor on disk as ``<folder>-<H>x<W>-<key>.pt``.
-    The key hashes the folder's absolute path, every file's relative path, size and modification time,
-    and the image size, so a changed folder never reuses a stale cache. The file is written to a temporary
-    name and renamed (atomic: a crash never leaves half a cache), and read back memory-mapped, so a 1.3 GB
-    cache costs no load time: the operating system pages it in as batches touch it.
-
-    ``num_threads`` decode in parallel (PIL releases the GIL); the default uses up to 4 cores.
-    ``build_seconds`` says how long decoding (or loading the disk cache) took and ``from_disk`` which one it was.
+    An unreadable image stops with the classic path's error naming the file; ``skip_corrupt`` leaves such
+    images out instead, with the same one-line notice. ``num_threads`` decode in parallel (PIL releases the
+    GIL); the default uses up to 4 cores. ``transform`` is what ``CachedLoader`` applies to its batches
+    (default: normalisation only). ``build_seconds`` says how long decoding took.
     """
 
     def __init__(
@@ -121,8 +108,9 @@ class CachedImageFolder(Dataset):
         root: str | os.PathLike,
         height: int = 256,
         width: int = 128,
-        cache_dir: str | os.PathLike | None = None,
         num_threads: int | None = None,
+        skip_corrupt: bool = False,
+        transform: TensorAugment | None = None,
     ) -> None:
         started = time.perf_counter()
         self.root = Path(root)
@@ -130,20 +118,10 @@ class CachedImageFolder(Dataset):
         self.classes: list[str] = listing.classes
         self.class_to_idx: dict[str, int] = listing.class_to_idx
         self.samples: list[tuple[str, int]] = list(listing.samples)
-        self.targets = torch.tensor([target for _, target in self.samples], dtype=torch.int64)
         self.height, self.width = height, width
-        self.cache_file: Path | None = None
-        self.from_disk = False
-        images = None
-        if cache_dir is not None:
-            self.cache_file = Path(cache_dir) / f"{self.root.name}-{height}x{width}-{self.cache_key()}.pt"
-            images = self._load_cache(self.cache_file)
-            self.from_disk = images is not None
-        if images is None:
-            images = self._decode_all(num_threads or _default_threads())
-            if self.cache_file is not None:
-                self._save_cache(self.cache_file, images)
-        self.images: torch.Tensor = images
+        self.transform = transform if transform is not None else TensorAugment()
+        self.images: torch.Tensor = self._decode_all(num_threads or _default_threads(), skip_corrupt)
+        self.targets = torch.tensor([target for _, target in self.samples], dtype=torch.int64)
         self.build_seconds = time.perf_counter() - started
 
     # ----------------------------------------------------------------- the Dataset interface
@@ -168,66 +146,32 @@ class CachedImageFolder(Dataset):
 
     # ----------------------------------------------------------------- decoding
 
-    def _decode_all(self, num_threads: int) -> torch.Tensor:
+    def _decode_all(self, num_threads: int, skip_corrupt: bool) -> torch.Tensor:
         images = torch.empty((len(self.samples), 3, self.height, self.width), dtype=torch.uint8)
 
-        def decode_into(index: int) -> None:
-            pixels = decode_image(self.samples[index][0], self.height, self.width)  # H x W x 3
+        def decode_into(index: int) -> str | None:
+            """Decode one image into its row; the path of an unreadable one when skipping them."""
+            try:
+                pixels = decode_image(self.samples[index][0], self.height, self.width)  # H x W x 3
+            except CorruptImageError:
+                if skip_corrupt:
+                    return self.samples[index][0]
+                raise
             images[index] = torch.from_numpy(pixels).permute(2, 0, 1)  # each thread writes its own rows
+            return None
 
         if num_threads <= 1 or len(self.samples) < 2:
-            for index in range(len(self.samples)):
-                decode_into(index)
+            broken = [decode_into(index) for index in range(len(self.samples))]
         else:
             with ThreadPoolExecutor(max_workers=num_threads) as pool:
-                list(pool.map(decode_into, range(len(self.samples))))  # list(): re-raises a decoding error here
+                broken = list(pool.map(decode_into, range(len(self.samples))))  # re-raises a decoding error here
+        broken_paths = [path for path in broken if path is not None]
+        if broken_paths:
+            keep = [i for i, path in enumerate(broken) if path is None]
+            self.samples = [self.samples[i] for i in keep]
+            images = images[keep]
+            report_skipped(self.root, broken_paths)
         return images
-
-    # ----------------------------------------------------------------- the disk cache
-
-    def cache_key(self) -> str:
-        """16 hex digits that change whenever the folder's files or the image size change."""
-        digest = hashlib.sha256()
-        header = {"version": CACHE_FORMAT_VERSION, "root": str(self.root.resolve()), "size": [self.height, self.width]}
-        digest.update(json.dumps(header, sort_keys=True).encode())
-        for path, target in self.samples:
-            stat = os.stat(path)
-            relative = os.path.relpath(path, self.root)
-            digest.update(f"{relative}\0{target}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        return digest.hexdigest()[:16]
-
-    def _load_cache(self, path: Path) -> torch.Tensor | None:
-        """The cached tensor, or ``None`` when the file is missing, unreadable or not what this folder needs."""
-        if not path.is_file():
-            return None
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # noqa: BLE001 - a damaged or foreign file is simply rebuilt
-            return None
-        if not isinstance(payload, dict):
-            return None
-        images = payload.get("images")
-        expected = (len(self.samples), 3, self.height, self.width)
-        if (
-            payload.get("version") != CACHE_FORMAT_VERSION
-            or not isinstance(images, torch.Tensor)
-            or images.dtype != torch.uint8
-            or tuple(images.shape) != expected
-        ):
-            return None
-        return images
-
-    def _save_cache(self, path: Path, images: torch.Tensor) -> None:
-        """Write to a temporary name in the same folder, then rename: readers see all of it or nothing."""
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"version": CACHE_FORMAT_VERSION, "root": str(self.root.resolve()), "images": images}, tmp)
-            os.replace(tmp, path)
-        except OSError as err:  # a full disk or a read-only folder: the images in memory are still fine
-            warnings.warn(f"could not write the image cache {path}: {err}", stacklevel=3)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- batched augmentation
@@ -448,7 +392,8 @@ class CachedLoader:
     gone, a batch takes well under a millisecond to assemble, and worker processes would cost more than
     they save (on 2 cores they would also compete with the model for the CPU).
 
-    ``transform`` defaults to the evaluation transform (normalisation only).
+    ``transform`` defaults to the dataset's own (the evaluation transform, normalisation only, unless it
+    was made with another).
 
     ``device`` (default: where the cache is, the CPU) is where batches are assembled and augmented. With
     ``device="cuda"`` the loader copies the uint8 images to the GPU once, at construction, and then
@@ -473,7 +418,9 @@ class CachedLoader:
             )
         self.dataset = dataset
         self.batch_size = batch_size
-        self.transform = transform if transform is not None else TensorAugment()
+        if transform is None:
+            transform = getattr(dataset, "transform", None) or TensorAugment()
+        self.transform = transform
         self.shuffle = shuffle
         self.sampler = sampler
         self.generator = generator
@@ -504,82 +451,35 @@ class CachedLoader:
             yield self.transform(images, self.generator), labels
 
 
-# --------------------------------------------------------------------------- drop-in builders
+# --------------------------------------------------------------------------- the backend
 
 
-def build_cached_loaders(
-    data_dir: str | os.PathLike,
-    batch_size: int = 32,
-    train_all: bool = False,
-    height: int = 256,
-    width: int = 128,
-    erasing_p: float = 0.0,
-    color_jitter: bool = False,
-    seed: int = 0,
-    instances: int = 0,
-    cache_dir: str | os.PathLike | None = None,
-    channels_last: bool = False,
-    num_threads: int | None = None,
-    device: torch.device | str | None = None,
-    shard: tuple[int, int] = (0, 1),
-) -> tuple[dict[str, CachedLoader], dict[str, int], list[str]]:
-    """``reid_utils.data.build_dataloaders`` with cached images and batched augmentation; same return value.
+class CachedData:
+    """The fast data path as a backend of ``reid_utils.data.build_dataloaders``: cached images, batched augmentation.
 
-    ``(loaders, dataset_sizes, class_names)`` for the ``train`` and ``val`` phases, the same folders,
-    the same errors, the same ``instances`` (P x K sampling) and ``shard`` options. The options are checked
-    before anything is decoded, so a typo fails at once. ``cache_dir`` keeps the decoded images on disk
-    between runs (see ``CachedImageFolder``); ``device="cuda"`` keeps them on the GPU and augments there.
-
-    ``shard=(rank, world)`` gives each of ``world`` processes its own part of every training epoch: a
-    ``DistributedSampler`` (or the P x K sampler's own sharding), so the processes share one order and
-    split it. Each process's generator is seeded with ``seed + rank``: the processes then augment their
-    images with different random numbers.
+    ``build_dataloaders(..., backend=CachedData())`` gives the classic builder's loaders, folders, checks,
+    samplers and errors, with ``CachedImageFolder`` datasets and ``CachedLoader`` loaders. ``device="cuda"``
+    keeps the images on the GPU and augments there; ``channels_last`` hands out batches in that memory
+    format; ``num_threads`` decode the images (``--num_workers`` of the trainer).
     """
-    data_dir = Path(data_dir)
-    train_folder = check_prepared(data_dir, train_all)
-    tfs = build_tensor_transforms(height, width, erasing_p, color_jitter, channels_last=channels_last)
-    image_datasets = {
-        phase: CachedImageFolder(data_dir / folder, height, width, cache_dir, num_threads)
-        for phase, folder in (("train", train_folder), ("val", "val"))
-    }
-    if image_datasets["train"].classes != image_datasets["val"].classes:
-        raise ValueError(f"{data_dir}: train and val hold different identities; run prepare again.")
-    from reid_utils.samplers import training_sampler
 
-    generator = torch.Generator().manual_seed(seed + shard[0])
-    train_set = image_datasets["train"]
-    train_sampler = training_sampler(train_set, train_set.targets, batch_size, instances, seed, shard)
-    loaders = {
-        "train": CachedLoader(
-            image_datasets["train"],
-            batch_size,
-            tfs["train"],
-            shuffle=train_sampler is None,
-            sampler=train_sampler,
-            generator=generator,
-            device=device,
-        ),
-        "val": CachedLoader(image_datasets["val"], batch_size, tfs["val"], device=device),
-    }
-    dataset_sizes = {phase: len(image_datasets[phase]) for phase in ("train", "val")}
-    return loaders, dataset_sizes, image_datasets["train"].classes
+    def __init__(
+        self, channels_last: bool = False, device: torch.device | str | None = None, num_threads: int | None = None
+    ) -> None:
+        self.channels_last = channels_last
+        self.device = device
+        self.num_threads = num_threads
 
+    def dataset(
+        self, folder: Path, height: int, width: int, augment: bool = False, erasing_p: float = 0.0,
+        color_jitter: bool = False, skip_corrupt: bool = False,
+    ) -> CachedImageFolder:  # fmt: skip
+        tfs = build_tensor_transforms(height, width, erasing_p, color_jitter, channels_last=self.channels_last)
+        transform = tfs["train" if augment else "val"]
+        return CachedImageFolder(folder, height, width, self.num_threads, skip_corrupt, transform)
 
-def cached_evaluation_loader(
-    folder: str | os.PathLike,
-    height: int,
-    width: int,
-    batch_size: int = 64,
-    cache_dir: str | os.PathLike | None = None,
-    channels_last: bool = False,
-    device: torch.device | str | None = None,
-) -> CachedLoader:
-    """``reid_utils.test.evaluation_loader`` from cached images: fixed order, normalisation only.
-
-    Works with ``reid_utils.test.extract_features``, which reads ``loader.dataset.samples`` for the paths.
-    """
-    folder = Path(folder)
-    check_test_folder(folder)
-    check_transform_options(height, width, 0.0)
-    dataset = CachedImageFolder(folder, height, width, cache_dir)
-    return CachedLoader(dataset, batch_size, TensorAugment(channels_last=channels_last), device=device)
+    def loader(
+        self, dataset: CachedImageFolder, batch_size: int, sampler: Sampler[int] | None = None,
+        shuffle: bool = False, generator: torch.Generator | None = None, persistent: bool = False,
+    ) -> CachedLoader:  # fmt: skip
+        return CachedLoader(dataset, batch_size, dataset.transform, shuffle, sampler, generator, self.device)

@@ -1,4 +1,4 @@
-"""Metric-learning losses for re-ID: the batch-hard triplet loss.
+"""The training losses: cross-entropy over the identities, the batch-hard triplet loss, and warm-up.
 
 A classification (ID) loss teaches the network to tell the *training* identities apart, but at test
 time we rank unseen people by distance. The triplet loss trains that distance directly: an anchor must
@@ -118,21 +118,64 @@ def batch_hard_triplet_loss(
     return per_anchor.mean()
 
 
-class TripletLoss(nn.Module):
-    """``batch_hard_triplet_loss`` as a module, so the margin is set once next to the model.
+class ReIDLoss(nn.Module):
+    """Cross-entropy over the training identities (optionally label-smoothed) [+ a batch-hard triplet term].
 
-    With a BNNeck (Luo et al. 2019) call it on the features *before* the BatchNorm layer.
+    Label smoothing gives the true identity 1 - eps + eps/C and every other identity eps/C, so the
+    network is never pushed towards infinitely confident scores on a few hundred training people.
+    The triplet term pulls the features of one person together and pushes others away directly,
+    which is what retrieval needs; it only applies in training, where batches hold K images per person.
+
+    The loop calls ``criterion(outputs, labels)`` as the classic script does. The triplet term also
+    needs the pooled features of the same forward pass: ``watch(model)`` puts a hook on the model's
+    pooling layer that hands them over (in training mode only), so the loop does not change.
     """
 
-    def __init__(self, margin: float = DEFAULT_MARGIN, soft: bool = False) -> None:
+    def __init__(self, label_smoothing: float = 0.0, triplet_weight: float = 0.0, margin: float = DEFAULT_MARGIN):
         super().__init__()
-        if margin < 0:
-            raise ValueError(f"margin must be >= 0, got {margin}")
+        self.cross_entropy = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.triplet_weight = triplet_weight
         self.margin = margin
-        self.soft = soft
+        self._features: Tensor | None = None
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        return batch_hard_triplet_loss(embeddings, labels, margin=self.margin, soft=self.soft)
+    def watch(self, model: nn.Module) -> ReIDLoss:
+        """Let the triplet term see the pooled features of ``model`` (a ``ReIDNet``) in every training step."""
+        if self.triplet_weight > 0:
+            model.pool.register_forward_hook(self._keep_features)
+        return self
 
-    def extra_repr(self) -> str:
-        return "soft margin" if self.soft else f"margin={self.margin}"
+    def _keep_features(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        self._features = output.flatten(1) if module.training else None  # validation: no triplet term
+
+    def forward(self, logits: Tensor, labels: Tensor, features: Tensor | None = None) -> Tensor:
+        """The loss of one batch; ``features`` default to those the watched model just pooled."""
+        if features is None:
+            features = self._features
+        self._features = None  # each forward pass hands over its features once
+        loss = self.cross_entropy(logits, labels)
+        if self.triplet_weight > 0 and features is not None:
+            loss = loss + self.triplet_weight * batch_hard_triplet_loss(features, labels, margin=self.margin)
+        return loss
+
+
+class WarmUp(nn.Module):
+    """Warm-up as the classic ``train.py`` does it: the training loss is scaled from 0.1 up to 1 over the
+    first ``iterations`` training steps (``warm_epoch`` epochs).
+
+    Scaling the loss scales every gradient, so the first steps are small -- like a growing learning rate --
+    while the new, random layers settle; big early steps would wreck pre-trained features. Only training
+    steps (gradients on) are scaled and counted; ``factor`` is saved in checkpoints to resume.
+    """
+
+    def __init__(self, criterion: nn.Module, iterations: int, factor: float = 0.1) -> None:
+        super().__init__()
+        self.criterion = criterion
+        self.iterations = max(1, iterations)
+        self.factor = factor
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        loss = self.criterion(*args, **kwargs)
+        if torch.is_grad_enabled() and self.factor < 1.0:  # the validation phase runs without gradients
+            self.factor = min(1.0, self.factor + 0.9 / self.iterations)
+            loss = loss * self.factor
+        return loss

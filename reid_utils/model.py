@@ -37,7 +37,7 @@ def _init_classifier(module: nn.Module) -> None:
 
 
 class ClassBlock(nn.Module):
-    """Linear -> BatchNorm1d [-> LeakyReLU] -> Dropout -> Linear(num_classes).
+    """Linear -> BatchNorm1d -> Dropout -> Linear(num_classes).
 
     The first half (``embedding``) turns the pooled backbone features into a compact,
     normalised 512-d description of a person; the second half (``classifier``) is only
@@ -50,12 +50,9 @@ class ClassBlock(nn.Module):
         num_classes: int,
         droprate: float = 0.5,
         linear_num: int = 512,
-        relu: bool = False,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Linear(in_features, linear_num), nn.BatchNorm1d(linear_num)]
-        if relu:
-            layers.append(nn.LeakyReLU(0.1))
         if droprate > 0:
             layers.append(nn.Dropout(p=droprate))
         self.embedding = nn.Sequential(*layers)
@@ -141,7 +138,6 @@ class ReIDNet(nn.Module):
         droprate: float = 0.5,
         stride: int = 2,
         linear_num: int = 512,
-        relu: bool = False,
         pretrained: bool = True,
         quiet: bool = False,
         bnneck: bool = False,
@@ -167,7 +163,7 @@ class ReIDNet(nn.Module):
         if bnneck:
             self.head = BNNeck(resnet.fc.in_features, num_classes)
         else:
-            self.head = ClassBlock(resnet.fc.in_features, num_classes, droprate, linear_num, relu)
+            self.head = ClassBlock(resnet.fc.in_features, num_classes, droprate, linear_num)
         self.pretrained = state is not None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,14 +174,59 @@ class ReIDNet(nn.Module):
         """The test-time description of each image: ``batch x linear_num`` (call in eval mode)."""
         return self.head.embedding(self.features(x))
 
-    def forward(self, x: torch.Tensor, with_features: bool = False):
-        """Training output: one score per training identity, ``batch x num_classes``.
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Training output: one score per training identity, ``batch x num_classes``."""
+        return self.head(self.features(x))
 
-        ``with_features=True`` also returns the pooled features, for a metric loss such as the triplet loss.
-        """
-        features = self.features(x)
-        logits = self.head(features)
-        return (logits, features) if with_features else logits
+
+def build_model(opts, pretrained: bool = False, quiet: bool = True) -> ReIDNet:
+    """The network a run's options describe (``TrainOptions`` or anything with the same fields)."""
+    return ReIDNet(
+        opts.num_classes, opts.backbone, opts.droprate, opts.stride, opts.linear_num,
+        pretrained=pretrained, quiet=quiet, bnneck=opts.bnneck,
+    )  # fmt: skip
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network itself, out of its wrappers (DataParallel, DistributedDataParallel, autocast, torch.compile).
+
+    Checkpoints store the plain network's weights, so any run can be evaluated or resumed without them.
+    """
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module):  # the parallel and autocast wrappers
+            model = model.module
+        else:
+            return model
+
+
+def select_device(gpu_ids: str, quiet: bool = False) -> tuple[torch.device, list[int]]:
+    """``"0"`` -> cuda:0; ``"0,1"`` -> DataParallel over both; ``""`` -> CPU.
+
+    Asking for a GPU on a machine without CUDA is not an error: the run falls back to the
+    CPU and says so, because the same command should work on a laptop.
+    """
+    try:
+        ids = [int(part) for part in str(gpu_ids).replace(" ", "").split(",") if part != ""]
+    except ValueError:
+        raise ValueError(
+            f"--gpu_ids '{gpu_ids}' is not a comma-separated list of GPU numbers (e.g. 0 or 0,1)."
+        ) from None
+    ids = [i for i in ids if i >= 0]  # the classic scripts use -1 for "no GPU"
+    if not ids:
+        return torch.device("cpu"), []
+    if not torch.cuda.is_available():
+        if not quiet:
+            print(f"No CUDA GPU found: running on the CPU instead of GPU {','.join(map(str, ids))}.")
+        return torch.device("cpu"), []
+    missing = [i for i in ids if i >= torch.cuda.device_count()]
+    if missing:
+        raise ValueError(
+            f"--gpu_ids names GPU {missing[0]}, but this machine has {torch.cuda.device_count()} "
+            f"(numbered from 0). Check nvidia-smi."
+        )
+    return torch.device(f"cuda:{ids[0]}"), ids
 
 
 def parameter_groups(model: nn.Module, lr: float) -> list[dict]:
@@ -194,7 +235,7 @@ def parameter_groups(model: nn.Module, lr: float) -> list[dict]:
     The backbone already knows useful features, so big steps would mostly destroy them;
     the new layers start from scratch and need to move fast.
     """
-    net = getattr(model, "module", model)  # inside DataParallel / DistributedDataParallel
+    net = unwrap(model)
     return [
         {"params": list(net.backbone.parameters()), "lr": 0.1 * lr, "name": "backbone"},
         {"params": list(net.head.parameters()), "lr": lr, "name": "new layers"},

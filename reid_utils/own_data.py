@@ -48,7 +48,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -56,7 +55,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from reid_utils.data import MARKET_FOLDERS, display_path, replace_problem, swap_into_place
+from reid_utils.data import MARKET_FOLDERS, display_path
+from reid_utils.files import atomic_folder, replace_problem
 
 FORMAT_VERSION = 1
 MARKER = "IMPORTED.json"
@@ -262,12 +262,6 @@ def _refuse_to_clobber(dst: Path, overwrite: bool) -> None:
         raise CropImportError(problem)
 
 
-def _publish(tmp: Path, dst: Path, overwrite: bool) -> None:
-    """Swap the finished folder into place; an old one is removed only after the swap."""
-    _refuse_to_clobber(dst, overwrite)  # again: something may have appeared meanwhile
-    swap_into_place(tmp, dst)
-
-
 def import_crops(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -305,19 +299,13 @@ def import_crops(
         "files": {f"{folder}/{name}": source.name for source, folder, name in plan},
     }
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed run that had our pid
-    try:
+    with atomic_folder(target) as tmp:  # an old folder is removed only after the swap
         for folder in MARKET_FOLDERS:
             (tmp / folder).mkdir(parents=True)
         for source, folder, name in plan:
             _convert(source, tmp / folder / name)
         (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
-        _publish(tmp, target, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _refuse_to_clobber(target, overwrite)  # again: something may have appeared meanwhile
     return ImportSummary(root=root, counts=counts, identities=identities, cameras=cameras)
 
 

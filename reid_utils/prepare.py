@@ -27,7 +27,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from reid_utils.data import MARKET_FOLDERS, MarketNameError, display_path, parse_market_name, swap_into_place
+from reid_utils.data import MARKET_FOLDERS, MarketNameError, display_path, parse_market_name
+from reid_utils.files import atomic_folder
 
 FORMAT_VERSION = 1
 MARKER = "PREPARED.json"
@@ -128,20 +129,13 @@ def prepare_market(
     if dst.exists() and marker is None and any(dst.iterdir()):
         raise PrepareError(f"{dst} exists and is not a prepared folder. Choose an empty or new --dst, or delete it.")
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(dst) as tmp:  # replaces an older tree (other source or version) only at the end
         mode = link
         for folder, items in plan.items():
             for source, pid in items:
                 (tmp / folder / pid).mkdir(parents=True, exist_ok=True)
                 mode = _place(source, tmp / folder / pid / source.name, mode)
         (tmp / MARKER).write_text(json.dumps({**wanted, "identities": identities, "link": mode}, indent=1))
-        swap_into_place(tmp, dst)  # replaces an older tree (other source or version) only at the end
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if not quiet:
         print(f"Prepared {display_path(dst)} from {display_path(src)} ({mode}s).")
     return PrepareSummary(dst, counts, identities, reused=False)

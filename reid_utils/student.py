@@ -3,9 +3,10 @@
 Copies ``notebooks/NN_*.ipynb`` to the output folder with every exercise solution removed: a code cell tagged
 ``solution`` keeps its imports, ``def`` lines and docstrings, and its body becomes ``# your code here`` and
 ``raise NotImplementedError``, so the checker cell below it says "not yet" until the learner writes it. All
-outputs and execution counts are cleared. An earlier copy in the output folder is replaced (a folder holding
-anything but notebooks is refused). The copy is written to a temporary folder next to the output folder
-and renamed into place at the end, so a half-written copy never exists.
+outputs and execution counts are cleared. An earlier copy in the output folder is replaced -- only one this
+command made, recognised by its ``STUDENT_COPY.json``; any other folder that is not empty (a teacher's own
+notebooks, say) is refused and left untouched. The copy is written to a temporary folder next to the output
+folder and renamed into place at the end, so a half-written copy never exists.
 """
 
 from __future__ import annotations
@@ -13,17 +14,17 @@ from __future__ import annotations
 import argparse
 import ast
 import io
-import os
-import shutil
+import json
 import sys
-import tempfile
 import tokenize
 from pathlib import Path
 
 from reid_utils.data import display_path, repo_root
+from reid_utils.files import atomic_folder, replace_problem
 from reid_utils.series import notebook_paths
 
 SOLUTION_TAG = "solution"
+MARKER = "STUDENT_COPY.json"  # in every copy: only a folder with it is ever replaced
 STUB_BODY = ("# your code here", "raise NotImplementedError")
 
 
@@ -103,11 +104,6 @@ def student_notebook(notebook):
     return notebook
 
 
-def _from_a_copy(path: Path) -> bool:
-    """What an earlier student copy holds: notebooks, and the checkpoints Jupyter keeps while one is open."""
-    return (path.is_file() and path.suffix == ".ipynb") or path.name == ".ipynb_checkpoints"
-
-
 def _refusal(out: Path, source: Path) -> str | None:
     """Why writing (and replacing) ``out`` would be a mistake, or None."""
     if out == source or source.is_relative_to(out):
@@ -116,47 +112,24 @@ def _refusal(out: Path, source: Path) -> str | None:
         return f"--out {out} is inside {source}; the copies would mix with the originals. Use e.g. build/student"
     if out.exists() and not out.is_dir():
         return f"--out {out} is a file, not a folder"
-    if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if not _from_a_copy(p))
-        if foreign:
-            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-            return f"--out {out} already holds other things than notebooks ({shown}); it is not replaced"
-    return None
+    problem = replace_problem(out, True, (out / MARKER).is_file(), MARKER, "python -m reid_utils.student")
+    return f"--out {problem.rstrip('.')}" if problem else None
 
 
 def write_student_copy(paths: list[Path], out: Path) -> list[tuple[Path, int]]:
     """Write the student copies of ``paths`` into ``out`` (replacing it); returns (target, exercises) pairs."""
     import nbformat
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the copy is an ordinary folder
     written = []
-    try:
+    with atomic_folder(out) as staging:
         for path in paths:
             notebook = nbformat.read(path, as_version=4)
             copy = student_notebook(notebook)
             nbformat.validate(copy)
             nbformat.write(copy, staging / path.name)
             written.append((out / path.name, sum(is_solution(cell) for cell in notebook.cells)))
-        if not out.exists():
-            staging.rename(out)
-            return written
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
-        try:
-            out.rename(old / out.name)
-            try:
-                staging.rename(out)
-            except OSError:
-                (old / out.name).rename(out)  # put the earlier copy back
-                raise
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        marker = {"made_by": "reid_utils.student", "notebooks": [path.name for path in paths]}
+        (staging / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
     return written
 
 

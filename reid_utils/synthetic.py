@@ -23,8 +23,6 @@ depend on the order of generation and the same seed always gives byte-identical 
 import argparse
 import json
 import math
-import os
-import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -33,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from reid_utils.data import replace_problem, swap_into_place
+from reid_utils.files import atomic_folder, replace_problem
 
 FORMAT_VERSION = 1
 SUMMARY_FILE = "SYNTHETIC.json"
@@ -769,12 +767,6 @@ def _refuse_to_clobber(out: Path, overwrite: bool) -> None:
         raise OutputExistsError(problem)
 
 
-def _publish(staging: Path, out: Path, overwrite: bool) -> None:
-    """Swap the finished folder into place; the old one is removed only after the swap."""
-    _refuse_to_clobber(out, overwrite)  # again: something may have appeared while we were drawing
-    swap_into_place(staging, out)
-
-
 def generate_market(
     out: str | Path,
     seed: int = 0,
@@ -796,19 +788,12 @@ def generate_market(
     _refuse_to_clobber(target, overwrite)
     plan = make_plan(seed, train_ids, test_ids, difficulty)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)  # a leftover of a crashed run that had our pid
-    try:
-        staging.mkdir()
+    with atomic_folder(target) as staging:  # the old set is removed only after the swap
         counts = _write_images(staging, seed, plan, difficulty)
         summary = SyntheticSummary(root=root, seed=seed, counts=counts, train_ids=train_ids, test_ids=test_ids)
         payload = _summary_payload(summary, difficulty)
         (staging / SUMMARY_FILE).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-        _publish(staging, target, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        _refuse_to_clobber(target, overwrite)  # again: something may have appeared while we were drawing
     return summary
 
 

@@ -19,17 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from reid_utils.data import (
-    build_transforms,
-    check_test_folder,
-    default_num_workers,
-    display_path,
-    image_folder,
-    parse_market_name,
-)
+from reid_utils.data import ClassicData, DataBackend, check_test_folder, display_path, parse_market_name
+from reid_utils.fastdata import CachedData
+from reid_utils.files import atomic_write
 from reid_utils.metrics import Evaluation, evaluate
-from reid_utils.model import ReIDNet, check_weights_fit
-from reid_utils.train import TrainError, TrainOptions, latest_checkpoint, load_options, select_device
+from reid_utils.model import ReIDNet, build_model, check_weights_fit, select_device, unwrap
+from reid_utils.runs import TrainError, TrainOptions, latest_checkpoint, load_checkpoint, load_options
 
 
 @dataclass
@@ -42,13 +37,17 @@ class FeatureSet:
     paths: list[str]
 
 
-def evaluation_loader(folder: str | os.PathLike, height: int, width: int, batch_size: int = 64, num_workers=None):
-    """Images of a prepared ``query/`` or ``gallery/`` folder in a fixed order, with the test transform."""
+def evaluation_loader(
+    folder: str | os.PathLike, height: int, width: int, batch_size: int = 64, backend: DataBackend | None = None
+):
+    """Images of a prepared ``query/`` or ``gallery/`` folder in a fixed order, with the test transform.
+
+    ``backend`` is the data path, as for training: ``ClassicData()`` (default) or ``fastdata.CachedData()``.
+    """
     folder = Path(folder)
     check_test_folder(folder)
-    dataset = image_folder(folder, build_transforms(height, width)["val"])
-    workers = default_num_workers() if num_workers is None else num_workers
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    backend = ClassicData() if backend is None else backend
+    return backend.loader(backend.dataset(folder, height, width), batch_size)
 
 
 @torch.no_grad()
@@ -56,7 +55,6 @@ def extract_features(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,
     flip: bool = True,
-    scales: tuple[float, ...] = (1.0,),
     device: torch.device | str = "cpu",
 ) -> FeatureSet:
     """The embedding of every image, plus that of its mirror image, summed and L2-normalised.
@@ -64,22 +62,16 @@ def extract_features(
     A person seen from the left and from the right is still the same person: adding the
     flipped view makes the description symmetric and a little more robust. Normalising makes
     the dot product of two features their cosine similarity, which evaluation ranks by.
-    ``scales`` other than 1 also add the embeddings of resized inputs (multi-scale testing).
     """
-    net = model.module if isinstance(model, nn.DataParallel) else model
+    net = unwrap(model)
     net.eval().to(device)
     batches = []
     for images, _ in loader:
         images = images.to(device)
-        total = 0
-        for scale in scales:
-            scaled = images
-            if scale != 1.0:
-                scaled = nn.functional.interpolate(images, scale_factor=scale, mode="bicubic", align_corners=False)
-            total = total + net.embed(scaled)
-            if flip:
-                total = total + net.embed(torch.flip(scaled, dims=[3]))  # dim 3 = width: a mirror image
-        batches.append(nn.functional.normalize(total, dim=1).float().cpu())
+        features = net.embed(images)
+        if flip:
+            features = features + net.embed(torch.flip(images, dims=[3]))  # dim 3 = width: a mirror image
+        batches.append(nn.functional.normalize(features, dim=1).float().cpu())
     paths = [path for path, _ in loader.dataset.samples]
     names = [parse_market_name(p) for p in paths]
     return FeatureSet(
@@ -99,34 +91,14 @@ def load_trained_model(run: str | os.PathLike, device: torch.device | str = "cpu
     checkpoint_path = latest_checkpoint(run)
     if checkpoint_path is None:
         raise TrainError(f"{run} holds no checkpoint yet (net_XXX.pth or net_last.pth). Train it first.")
-    model = ReIDNet(
-        opts.num_classes, opts.backbone, opts.droprate, opts.stride, opts.linear_num,
-        pretrained=False, bnneck=opts.bnneck,
-    )  # fmt: skip
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)["model"]
+    model = build_model(opts)
+    state = load_checkpoint(checkpoint_path)["model"]
     try:
         check_weights_fit(model, state, str(checkpoint_path))
     except ValueError as err:
         raise TrainError(str(err)) from None
     model.load_state_dict(state)
     return model.to(device).eval(), opts
-
-
-def trained_demo_run(prepared: str | os.PathLike, model_dir: str | os.PathLike, profile: str = "cpu-demo") -> Path:
-    """The run notebook 03 trains; trained here with the same code (and said so) when it is missing.
-
-    Lets every notebook after 03 run on its own, in a fresh kernel, in any order.
-    """
-    from reid_utils.train import PROFILES, train
-
-    options = TrainOptions(data_dir=str(prepared), model_dir=str(model_dir), **PROFILES[profile])
-    run = Path(model_dir) / options.name
-    if (run / "net_last.pth").is_file():
-        print(f"Using the model trained in notebook 03: {display_path(run)}/net_last.pth")
-    else:
-        print(f"No trained model in {display_path(run)}: training it now with the settings of notebook 03.")
-        train(options, overwrite=True)
-    return run
 
 
 def evaluate_features(query: FeatureSet, gallery: FeatureSet, ap: str = "market") -> Evaluation:
@@ -142,14 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batchsize", type=int, default=64, help="lower it if the GPU runs out of memory")
     parser.add_argument("--no_flip", action="store_true", help="do not add the mirror image's embedding")
     parser.add_argument("--ap", default="market", choices=["market", "step"])
+    parser.add_argument("--fast_data", action="store_true", help="decode the images once, normalise whole batches")
     args = parser.parse_args(argv)
     run = Path(args.model_dir) / args.name
     try:
         device, _ = select_device(args.gpu_ids)
         model, opts = load_trained_model(run, device)
+        backend = CachedData(device=device) if args.fast_data else ClassicData()
         sets = {
             split: extract_features(
-                model, evaluation_loader(Path(args.data_dir) / split, opts.height, opts.width, args.batchsize),
+                model, evaluation_loader(Path(args.data_dir) / split, opts.height, opts.width, args.batchsize, backend),
                 flip=not args.no_flip, device=device,
             )
             for split in ("query", "gallery")
@@ -158,10 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainError, FileNotFoundError, ValueError) as err:
         print(f"test: error: {err}", file=sys.stderr)
         return 2
-    target = run / "features.pt"
-    tmp = run / ".features.pt.tmp"
-    torch.save({split: vars(s) for split, s in sets.items()}, tmp)
-    os.replace(tmp, target)
+    features = {split: vars(feature_set) for split, feature_set in sets.items()}
+    target = atomic_write(run / "features.pt", lambda tmp: torch.save(features, tmp))
     print(result.summary())
     print(f"Features saved to {display_path(target)}")
     return 0

@@ -2,109 +2,54 @@
 
 ``python -m reid_utils.train --gpu_ids 0 --name ft_ResNet50 --train_all --batchsize 32 --data_dir <prepared>``
 
-Each epoch has a ``train`` and a ``val`` phase. Every ``save_every`` epochs (and at the end)
-the model, optimiser, scheduler and random-number state go to
-``<model_dir>/<name>/net_XXX.pth`` (and ``net_last.pth``), the options to ``opts.yaml``,
-and the loss/error curves to ``train.jpg``.
+``train_one_phase`` is the inner loop of the classic ``train.py``: one pass over the training or the
+validation images. ``train`` runs it for every epoch (``train`` phase, then ``val``) with SGD and the
+step schedule, and every ``save_every`` epochs (and at the end) saves a checkpoint, the options and the
+loss/error curves into the run folder (``reid_utils.runs``).
+
+What only makes training faster or spreads it over several GPUs -- mixed precision (``speed``), the
+fast data path (``fastdata``), DistributedDataParallel (``distributed``) -- and the warm-up of
+``losses`` are wrapped around the loop, never written into it.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import math
-import os
 import random
-import re
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Iterator
+from dataclasses import asdict, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from reid_utils.data import build_dataloaders, display_path
-from reid_utils.model import BACKBONES, ReIDNet, check_weights_fit, parameter_groups
+from reid_utils import distributed
+from reid_utils.data import ClassicData, build_dataloaders, display_path, find_dataset
+from reid_utils.fastdata import CachedData
+from reid_utils.losses import ReIDLoss, WarmUp
+from reid_utils.model import BACKBONES, build_model, check_weights_fit, parameter_groups, select_device, unwrap
+from reid_utils.runs import (
+    LAST_CHECKPOINT,
+    TrainError,
+    TrainOptions,
+    checkpoint_name,
+    checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    load_options,
+    run_dir,
+    save_checkpoint,
+    save_options,
+)
+from reid_utils.speed import Autocast, ScaledLoss, ScaledOptimizer, choose_precision, reuse_freed_memory
 from reid_utils.visualize import TrainingCurves
-
-
-class TrainError(Exception):
-    """A problem the user can fix (bad option, missing data, existing run...)."""
-
-
-@dataclass
-class TrainOptions:
-    """Every knob of a run; saved as ``opts.yaml`` so evaluation can rebuild the same model."""
-
-    name: str = "ft_ResNet50"
-    data_dir: str = "data/prepared/Market"
-    model_dir: str = "model"
-    gpu_ids: str = "0"
-    train_all: bool = False
-    batchsize: int = 32
-    lr: float = 0.05
-    total_epoch: int = 60
-    warm_epoch: int = 0
-    cosine: bool = False
-    erasing_p: float = 0.0
-    color_jitter: bool = False
-    backbone: str = "resnet50"
-    stride: int = 2
-    droprate: float = 0.5
-    linear_num: int = 512
-    height: int = 256
-    width: int = 128
-    pretrained: bool = True
-    save_every: int = 10
-    seed: int = 0
-    num_workers: int | None = None
-    amp: bool = True  # mixed precision on CUDA (and bf16 on CPUs that have it, with --bf16)
-    label_smoothing: float = 0.0
-    bnneck: bool = False
-    triplet_weight: float = 0.0  # > 0 adds a batch-hard triplet loss and samples P identities x K images
-    triplet_margin: float = 0.3
-    instances: int = 4  # K, images per identity in a batch when the triplet loss is on
-    skip_corrupt: bool = False  # leave unreadable images out instead of stopping
-    fast_data: bool = False  # decode images once into a uint8 cache, augment whole batches (on the GPU when there)
-    channels_last: bool = False  # NHWC memory layout: faster convolutions on recent GPUs (and some CPUs)
-    bf16: bool = False  # bfloat16 autocast: on CUDA instead of float16; on CPUs with native bf16 instead of float32
-    compile: bool = False  # torch.compile the model (minutes of compilation, then faster steps)
-    num_classes: int = 0  # filled in from the data
-
-    def check(self) -> None:
-        """Reject options that can only fail later, deep inside torch."""
-        if self.total_epoch < 1:
-            raise TrainError(f"--total_epoch must be at least 1, got {self.total_epoch}.")
-        if self.batchsize < 2:
-            raise TrainError(f"--batchsize must be at least 2 (BatchNorm needs 2 images), got {self.batchsize}.")
-        if self.lr <= 0:
-            raise TrainError(f"--lr must be positive, got {self.lr}.")
-        if self.save_every < 1:
-            raise TrainError(f"--save_every must be at least 1, got {self.save_every}.")
-        if self.backbone not in BACKBONES:
-            raise TrainError(f"--backbone {self.backbone} is unknown: choose one of {', '.join(BACKBONES)}.")
-        if self.stride not in (1, 2):
-            raise TrainError(f"--stride must be 1 or 2, got {self.stride}.")
-        if not 0 <= self.droprate < 1 or not 0 <= self.erasing_p <= 1:
-            raise TrainError("--droprate must be in [0, 1) and --erasing_p in [0, 1].")
-        if not 0 <= self.label_smoothing < 1:
-            raise TrainError(f"--label_smoothing must be in [0, 1), got {self.label_smoothing}.")
-        if self.triplet_weight < 0:
-            raise TrainError(f"--triplet_weight must be >= 0, got {self.triplet_weight}.")
-        if self.triplet_weight > 0 and not 2 <= self.instances <= self.batchsize // 2:
-            raise TrainError(
-                f"--instances {self.instances}: the triplet loss needs batches of P identities x K images with "
-                f"K >= 2 and P >= 2 (here --batchsize {self.batchsize})."
-            )
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
-            raise TrainError(f"--name '{self.name}' may only use letters, digits, '_', '-' and '.'.")
-
 
 # The two ways the notebooks run: a CPU demo on the embedded set, and the real baseline.
 PROFILES = {
@@ -126,8 +71,6 @@ def pick_profile(profile: str | None = None) -> str:
         if profile not in PROFILES:
             raise TrainError(f"unknown profile '{profile}': choose one of {', '.join(PROFILES)}.")
         return profile
-    from reid_utils.data import find_dataset
-
     real_data = not find_dataset(quiet=True).synthetic
     return "market-gpu" if torch.cuda.is_available() and real_data else "cpu-demo"
 
@@ -137,120 +80,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def distributed_context() -> tuple[int, int]:
-    """``(rank, world size)``: ``(0, 1)`` normally; under ``torchrun`` it joins the process group first.
-
-    ``torchrun --nproc_per_node=N -m reid_utils.train ...`` starts N copies of this program and tells
-    each its rank through environment variables. Each process trains a full copy of the model on
-    its own share of every epoch (``DistributedSampler``); ``DistributedDataParallel`` averages the
-    gradients after every backward pass, so all copies stay identical. NCCL connects GPUs, gloo CPUs.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        if torch.cuda.is_available():  # before NCCL starts: each process talks through its own GPU
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world_size
-
-
-def cpu_flags() -> set[str] | None:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (Linux), or ``None`` where that file does not exist."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), so that bf16 autocast pays there.
-
-    oneDNN's own query also says yes on AVX-512 CPUs without these instructions, where bfloat16 is emulated
-    and slower than float32; so on Linux the CPU's flags decide.
-    """
-    flags = cpu_flags()
-    if flags is not None:
-        return bool(flags & {"avx512_bf16", "amx_bf16"})
-    try:
-        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch build without this query: assume not, train in float32
-        return False
-
-
-def reuse_freed_memory() -> bool:
-    """Make this process keep the memory it frees for reuse, instead of handing it back to the OS at every step.
-
-    A CPU training step allocates and frees the same large blocks each time (activations, gradients: tens of
-    MB). glibc gives big freed blocks back to the operating system, which then has to map in and zero fresh
-    pages on the next step. Raising glibc's two thresholds (``mallopt``) keeps them in the process: about 7 %
-    faster training of the demo model on our 2-core machine, the very same numbers. The price: the process
-    holds on to its peak memory until it ends. ``--fast_data`` on a CPU switches it on. Linux with glibc only;
-    returns whether it took effect. (Starting Python with jemalloc or tcmalloc preloaded does the same.)
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # another C library (e.g. musl): leave it alone
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
-    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
-
-
-def choose_precision(opts: TrainOptions, device: torch.device) -> tuple[bool, str | None]:
-    """Whether to autocast, and a one-line notice when ``--bf16`` cannot be honoured (``opts.bf16`` is then unset).
-
-    CUDA: autocast unless ``amp`` is off -- bfloat16 with ``--bf16`` (float16 with loss scaling on GPUs
-    without it), else float16. CPU: float32, unless ``--bf16`` on a CPU with native bfloat16, where it
-    pays for large models (ResNet-50 at 256x128 trained ~3x faster on our 2-core test machine; the small
-    demo model gains nothing). bfloat16 keeps float32's range, so it needs no loss scaling anywhere.
-    """
-    if device.type == "cuda":
-        if opts.amp and opts.bf16 and not torch.cuda.is_bf16_supported():
-            opts.bf16 = False
-            return True, "This GPU has no bfloat16: mixed precision uses float16 with loss scaling instead."
-        return opts.amp, None
-    if opts.amp and opts.bf16:
-        if cpu_has_bf16():
-            return True, None
-        opts.bf16 = False
-        return False, "This CPU has no native bfloat16 (AVX-512 BF16 or AMX): training in float32 instead."
-    return False, None
-
-
-def select_device(gpu_ids: str, quiet: bool = False) -> tuple[torch.device, list[int]]:
-    """``"0"`` -> cuda:0; ``"0,1"`` -> DataParallel over both; ``""`` -> CPU.
-
-    Asking for a GPU on a machine without CUDA is not an error: the run falls back to the
-    CPU and says so, because the same command should work on a laptop.
-    """
-    try:
-        ids = [int(part) for part in str(gpu_ids).replace(" ", "").split(",") if part != ""]
-    except ValueError:
-        raise TrainError(
-            f"--gpu_ids '{gpu_ids}' is not a comma-separated list of GPU numbers (e.g. 0 or 0,1)."
-        ) from None
-    ids = [i for i in ids if i >= 0]  # the classic scripts use -1 for "no GPU"
-    if not ids:
-        return torch.device("cpu"), []
-    if not torch.cuda.is_available():
-        if not quiet:
-            print(f"No CUDA GPU found: running on the CPU instead of GPU {','.join(map(str, ids))}.")
-        return torch.device("cpu"), []
-    missing = [i for i in ids if i >= torch.cuda.device_count()]
-    if missing:
-        raise TrainError(
-            f"--gpu_ids names GPU {missing[0]}, but this machine has {torch.cuda.device_count()} "
-            f"(numbered from 0). Check nvidia-smi."
-        )
-    return torch.device(f"cuda:{ids[0]}"), ids
 
 
 def build_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -277,117 +106,91 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_epoch: int, cosine: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(epoch, total_epoch, cosine))
 
 
-def run_dir(opts: TrainOptions) -> Path:
-    return Path(opts.model_dir) / opts.name
+# --------------------------------------------------------------------------- the loop
 
 
-def _atomic_save(obj: object, path: Path) -> None:
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+class PhaseResult(NamedTuple):
+    """What one pass over a loader adds up: summed loss, correct predictions, images used, batches skipped."""
+
+    running_loss: float
+    running_corrects: int
+    seen: int
+    skipped: int
+
+    @property
+    def loss(self) -> float:
+        return self.running_loss / self.seen
+
+    @property
+    def accuracy(self) -> float:
+        return self.running_corrects / self.seen
 
 
-def save_options(opts: TrainOptions) -> Path:
-    path = run_dir(opts) / "opts.yaml"
-    tmp = path.with_name(".opts.yaml.tmp")
-    tmp.write_text(yaml.safe_dump(asdict(opts), sort_keys=False))
-    os.replace(tmp, path)
-    return path
-
-
-def load_options(run: str | os.PathLike) -> TrainOptions:
-    """The options a run was trained with (from its ``opts.yaml``)."""
-    path = Path(run) / "opts.yaml"
-    if not path.is_file():
-        raise TrainError(f"{path} not found: is '{Path(run).name}' the --name of a finished or running training?")
-    saved = yaml.safe_load(path.read_text()) or {}
-    known = {f.name for f in fields(TrainOptions)}
-    return TrainOptions(**{k: v for k, v in saved.items() if k in known})
-
-
-def checkpoints(folder: str | os.PathLike) -> list[Path]:
-    """The numbered checkpoints of a run, oldest first."""
-    return sorted(Path(folder).glob("net_[0-9][0-9][0-9].pth"))
-
-
-def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
-    """``net_last.pth`` when present (the end of a run), else the highest-numbered one."""
-    folder = Path(folder)
-    if (folder / "net_last.pth").is_file():
-        return folder / "net_last.pth"
-    numbered = checkpoints(folder)
-    return numbered[-1] if numbered else None
-
-
-class ReIDLoss(nn.Module):
-    """Cross-entropy over the training identities (optionally label-smoothed) [+ a batch-hard triplet term].
-
-    Label smoothing gives the true identity 1 - eps + eps/C and every other identity eps/C, so the
-    network is never pushed towards infinitely confident scores on a few hundred training people.
-    The triplet term pulls the features of one person together and pushes others away directly,
-    which is what retrieval needs; it only applies in training, where batches hold K images per person.
-    """
-
-    def __init__(self, label_smoothing: float = 0.0, triplet_weight: float = 0.0, margin: float = 0.3) -> None:
-        super().__init__()
-        self.cross_entropy = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        self.triplet_weight = triplet_weight
-        self.margin = margin
-
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor, features: torch.Tensor | None = None):
-        loss = self.cross_entropy(logits, labels)
-        if self.triplet_weight > 0 and features is not None:
-            from reid_utils.losses import batch_hard_triplet_loss
-
-            loss = loss + self.triplet_weight * batch_hard_triplet_loss(features, labels, margin=self.margin)
-        return loss
-
-
-def run_epoch_phase(model, loader, phase, device, criterion, optimizer, opts, state, scaler, use_amp, progress):
-    """One pass over ``loader``; returns (mean loss, top-1 accuracy, images used, batches skipped)."""
-    model.train(phase == "train")
+def train_one_phase(model, loader, phase, criterion, optimizer, device) -> PhaseResult:
+    """One pass over ``loader``: ``"train"`` updates the model, ``"val"`` only measures it."""
+    model.train(phase == "train")  # dropout and BatchNorm behave differently when training
     running_loss, running_corrects, seen, skipped = 0.0, 0, 0, 0
     for inputs, labels in loader:
-        batch = inputs.size(0)
+        now_batch_size = inputs.size(0)
         # Skip the last, incomplete training batch: a tiny batch gives BatchNorm poor statistics
         # (a batch of one even fails) and its averaged loss would count each image more.
-        if phase == "train" and batch < opts.batchsize:
+        if phase == "train" and now_batch_size < loader.batch_size:
             skipped += 1
             continue
         inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if phase == "train":
             optimizer.zero_grad()
-        half = torch.bfloat16 if opts.bf16 else None  # None: float16 on CUDA
-        with torch.set_grad_enabled(phase == "train"), torch.autocast(device.type, half, enabled=use_amp):
-            outputs, features = model(inputs, with_features=True)
+        with torch.set_grad_enabled(phase == "train"):  # val: no graph is built
+            outputs = model(inputs)
             preds = outputs.argmax(dim=1)
-            loss = criterion(outputs, labels, features if phase == "train" else None)
+            loss = criterion(outputs, labels)
         if phase == "train":
-            if state["warm_up"] < 1.0:  # warm-up: scale the loss from 0.1 up to 1 over warm_epoch epochs
-                state["warm_up"] = min(1.0, state["warm_up"] + 0.9 / state["warm_iterations"])
-                loss = loss * state["warm_up"]
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        running_loss += loss.item() * batch
+            loss.backward()
+            optimizer.step()
+        running_loss += loss.item() * now_batch_size
         running_corrects += (preds == labels).sum().item()
-        seen += batch
-        if progress is not None:
-            progress.update(batch)
-    if phase == "train" and dist.is_initialized():  # every process saw its own share: add them up
-        totals = torch.tensor([running_loss, running_corrects, seen, skipped], dtype=torch.float64)
-        dist.all_reduce(totals)
-        running_loss, running_corrects, seen, skipped = totals[0].item(), *(int(v) for v in totals[1:].tolist())
-    if seen == 0:
-        raise TrainError(
-            f"no {phase} batch was used: --batchsize {opts.batchsize} is larger than the {phase} set "
-            f"({len(loader.dataset)} images). Use a smaller --batchsize."
-        )
-    return running_loss / seen, running_corrects / seen, seen, skipped
+        seen += now_batch_size
+    return PhaseResult(running_loss, running_corrects, seen, skipped)
+
+
+class Counted:
+    """A loader that moves a progress bar by the images of every batch it hands out, skipped ones included."""
+
+    def __init__(self, loader, bar: tqdm) -> None:
+        self.loader = loader
+        self.bar = bar
+        self.batch_size = loader.batch_size
+
+    def __iter__(self) -> Iterator:
+        for batch in self.loader:
+            yield batch
+            self.bar.update(len(batch[1]))
+
+
+def images_per_epoch(loader) -> int:
+    """How many images one pass over a loader hands out (this process's share under torchrun)."""
+    sampler = getattr(loader, "sampler", None)
+    return len(sampler) if sampler is not None else len(loader.dataset)
+
+
+def images_to_come(loaders: dict, epochs: range) -> int:
+    """All the images the loaders hand out over ``epochs`` (a P x K epoch's count depends on its shuffle)."""
+    total = 0
+    for epoch in epochs:
+        if hasattr(loaders["train"].sampler, "set_epoch"):
+            loaders["train"].sampler.set_epoch(epoch)
+        total += images_per_epoch(loaders["train"]) + images_per_epoch(loaders["val"])
+    return total
+
+
+# --------------------------------------------------------------------------- a whole run
+
+
+def data_backend(opts: TrainOptions, device: torch.device):
+    """The data path of a run: the classic ``DataLoader``, or the cached fast path (on the training device)."""
+    if opts.fast_data:
+        return CachedData(opts.channels_last, device, num_threads=opts.num_workers or None)
+    return ClassicData(opts.num_workers)
 
 
 def train(
@@ -408,52 +211,44 @@ def train(
         opts = load_options(folder)
         opts.total_epoch = total_epoch
     opts.check()
-    rank, world_size = distributed_context()
+    rank, world_size = distributed.distributed_context()
     main_process = rank == 0  # only it prints, draws and saves
     quiet = quiet or not main_process
     if not resume and existing is not None:
         if not overwrite:
             raise TrainError(f"{folder} already holds a run. Pass --resume to continue it, or choose another --name.")
         if main_process:
-            for old in [*checkpoints(folder), *(folder / f for f in ("net_last.pth", "train.jpg", "features.pt"))]:
+            for old in [*checkpoints(folder), *(folder / f for f in (LAST_CHECKPOINT, "train.jpg", "features.pt"))]:
                 old.unlink(missing_ok=True)
     if world_size > 1:
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        device, gpu_ids = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"), []
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # NCCL collectives (e.g. all_gather_object) use the current device
-        dist.barrier()  # nobody starts before the old run is cleared away
+        device = torch.device(f"cuda:{distributed.local_rank()}" if torch.cuda.is_available() else "cpu")
+        gpu_ids: list[int] = []
+        distributed.barrier()  # nobody starts before the old run is cleared away
     else:
         device, gpu_ids = select_device(opts.gpu_ids, quiet=quiet)
+    if len(gpu_ids) > 1 and opts.triplet_weight > 0:
+        raise TrainError(
+            "the triplet loss needs the features of a whole batch in one process, which --gpu_ids with several "
+            "GPUs (DataParallel) splits up. Use torchrun --nproc_per_node=N instead."
+        )
     # Each process its own seed: different dropout masks and augmentations (DDP copies rank 0's initial weights).
     seed_everything(opts.seed + rank)
     if opts.fast_data and device.type == "cpu":
         reuse_freed_memory()  # the CPU fast path: no fresh pages for every step's activations and gradients
-    instances = opts.instances if opts.triplet_weight > 0 else 0
-    if opts.fast_data:
-        from reid_utils.fastdata import build_cached_loaders
-
-        loaders, sizes, class_names = build_cached_loaders(
-            opts.data_dir, opts.batchsize, opts.train_all, opts.height, opts.width, opts.erasing_p,
-            opts.color_jitter, opts.seed, instances=instances, channels_last=opts.channels_last,
-            device=device, shard=(rank, world_size),
-        )  # fmt: skip
-    else:
-        loaders, sizes, class_names = build_dataloaders(
-            opts.data_dir, opts.batchsize, opts.train_all, opts.height, opts.width, opts.erasing_p,
-            opts.color_jitter, opts.num_workers, opts.seed, instances=instances, skip_corrupt=opts.skip_corrupt,
-            shard=(rank, world_size),
-        )  # fmt: skip
+    loaders, sizes, class_names = build_dataloaders(
+        opts.data_dir, opts.batchsize, opts.train_all, opts.height, opts.width, opts.erasing_p, opts.color_jitter,
+        opts.seed, instances=opts.instances if opts.triplet_weight > 0 else 0, skip_corrupt=opts.skip_corrupt,
+        shard=(rank, world_size), backend=data_backend(opts, device),
+    )  # fmt: skip
     if opts.num_classes not in (0, len(class_names)):
         raise TrainError(
             f"run {opts.name} was trained on {opts.num_classes} identities, {opts.data_dir} has "
             f"{len(class_names)}. Resume with the same --data_dir, or start a new --name."
         )
     opts.num_classes = len(class_names)
-    model = ReIDNet(
-        opts.num_classes, opts.backbone, opts.droprate, opts.stride, opts.linear_num,
-        pretrained=opts.pretrained and not resume, quiet=quiet, bnneck=opts.bnneck,
-    ).to(device)  # fmt: skip
+
+    model = build_model(opts, pretrained=opts.pretrained and not resume, quiet=quiet).to(device)
+    criterion = ReIDLoss(opts.label_smoothing, opts.triplet_weight, opts.triplet_margin).watch(model)
     if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if world_size > 1:
@@ -462,29 +257,37 @@ def train(
         model = nn.DataParallel(model, device_ids=gpu_ids)  # splits each batch over the GPUs
     optimizer = build_optimizer(model, opts.lr)
     scheduler = build_scheduler(optimizer, opts.total_epoch, opts.cosine)
-    # The options as this machine runs them (--bf16 may fall back); opts.yaml keeps what was asked for.
-    step_opts = replace(opts)
-    use_amp, notice = choose_precision(step_opts, device)
-    if notice and not quiet:
-        print(notice)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and not step_opts.bf16)  # bf16: no loss scaling
     if opts.compile:
         model = torch.compile(model)
-    criterion = ReIDLoss(opts.label_smoothing, opts.triplet_weight, opts.triplet_margin)
+
+    # Around the loop: mixed precision (the model, the criterion and the optimiser get wrapped) and warm-up.
+    step_optimizer, scaler = optimizer, None
+    dtype, notice = choose_precision(device, opts.fp16, opts.bf16)
+    if notice and not quiet:
+        print(notice)
+    if dtype is not None:
+        model, criterion = Autocast(model, device.type, dtype), Autocast(criterion, device.type, dtype)
+    warm_up = None
+    if opts.warm_epoch > 0:
+        warm_up = criterion = WarmUp(criterion, max(1, sizes["train"] // opts.batchsize) * opts.warm_epoch)
+    if dtype == torch.float16:  # float16 needs loss scaling; bfloat16 does not
+        scaler = torch.amp.GradScaler(device.type)
+        criterion, step_optimizer = ScaledLoss(criterion, scaler), ScaledOptimizer(optimizer, scaler)
+
     history = {"train_loss": [], "train_err": [], "val_loss": [], "val_err": [], "skipped": [], "seconds": []}
-    warm_iterations = max(1, sizes["train"] // opts.batchsize) * opts.warm_epoch
-    state = {"warm_up": 0.1 if opts.warm_epoch > 0 else 1.0, "warm_iterations": warm_iterations}
     start_epoch = 0
     if resume:
-        checkpoint = torch.load(existing, map_location="cpu", weights_only=False)  # load_state_dict moves weights
+        checkpoint = load_checkpoint(existing)
         try:
-            check_weights_fit(_unwrap(model), checkpoint["model"], str(existing))
+            check_weights_fit(unwrap(model), checkpoint["model"], str(existing))
         except ValueError as err:
             raise TrainError(str(err)) from None
-        _unwrap(model).load_state_dict(checkpoint["model"])
+        unwrap(model).load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        history, state, start_epoch = checkpoint["history"], checkpoint["state"], checkpoint["epoch"]
+        history, start_epoch = checkpoint["history"], checkpoint["epoch"]
+        if warm_up is not None:
+            warm_up.factor = checkpoint["state"]["warm_up"]
         rng = checkpoint["rng"]
         per_process = rng.get("processes", [rng])
         if len(per_process) != world_size and not quiet:
@@ -495,17 +298,17 @@ def train(
         loaders["train"].generator.set_state(rng["loader"])
         if "cuda" in rng and device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], device)  # dropout on the GPU draws from here
-        if checkpoint.get("scaler"):  # empty when the saving run did not scale its loss
+        if scaler is not None and checkpoint.get("scaler"):  # empty when the saving run did not scale its loss
             scaler.load_state_dict(checkpoint["scaler"])  # the float16 loss scale reached so far
         if not quiet:
             print(f"Resuming {opts.name} from {existing.name} (epoch {start_epoch} of {opts.total_epoch}).")
     folder.mkdir(parents=True, exist_ok=True)
     if main_process:
-        save_options(opts)
+        save_options(opts, folder)
     curves = TrainingCurves(folder / "train.jpg", live=False if quiet else None)  # quiet: no live figure
     progress = None
-    if not quiet:
-        total = (opts.total_epoch - start_epoch) * (sizes["train"] + sizes["val"])
+    if not quiet:  # one bar for the whole run, counting images; it ends at 100 %
+        total = images_to_come(loaders, range(start_epoch, opts.total_epoch))
         progress = tqdm(total=total, unit="img", desc=opts.name, leave=True)
 
     try:
@@ -514,14 +317,19 @@ def train(
             if hasattr(loaders["train"].sampler, "set_epoch"):
                 loaders["train"].sampler.set_epoch(epoch)  # the P x K sampler reshuffles per epoch, reproducibly
             for phase in ("train", "val"):
-                loss, acc, _, skipped = run_epoch_phase(
-                    model, loaders[phase], phase, device, criterion, optimizer, step_opts, state, scaler, use_amp,
-                    progress,
-                )  # fmt: skip
-                history[f"{phase}_loss"].append(loss)
-                history[f"{phase}_err"].append(1.0 - acc)
+                loader = loaders[phase] if progress is None else Counted(loaders[phase], progress)
+                result = train_one_phase(model, loader, phase, criterion, step_optimizer, device)
+                if phase == "train":  # every process saw its own share: add them up
+                    result = PhaseResult(*distributed.sum_over_processes(result))
+                if result.seen == 0:
+                    raise TrainError(
+                        f"no {phase} batch was used: --batchsize {opts.batchsize} is larger than the {phase} set "
+                        f"({sizes[phase]} images). Use a smaller --batchsize."
+                    )
+                history[f"{phase}_loss"].append(result.loss)
+                history[f"{phase}_err"].append(1.0 - result.accuracy)
                 if phase == "train":
-                    history["skipped"].append(skipped)
+                    history["skipped"].append(int(result.skipped))
             scheduler.step()
             history["seconds"].append(time.perf_counter() - started)
             if progress is not None:
@@ -533,32 +341,44 @@ def train(
                 if device.type == "cuda":
                     rng["cuda"] = torch.cuda.get_rng_state(device)
                 if world_size > 1:  # every process's random state, so a resumed run draws what it would have
-                    processes = [None] * world_size
-                    dist.all_gather_object(processes, rng)
-                    rng = {**rng, "processes": processes}
-            if main_process and (done % opts.save_every == 0 or done == opts.total_epoch):
-                checkpoint = {
-                    "epoch": done, "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "history": history, "state": state, "rng": rng,
-                    "scaler": scaler.state_dict(), "options": asdict(opts),
-                }  # fmt: skip
-                if done % opts.save_every == 0:
-                    _atomic_save(checkpoint, folder / f"net_{done:03d}.pth")
-                if done == opts.total_epoch:
-                    _atomic_save(checkpoint, folder / "net_last.pth")
-                curves.update(history)
+                    rng = {**rng, "processes": distributed.gather_from_processes(rng)}
+                if main_process:
+                    checkpoint = {
+                        "epoch": done, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "history": history, "rng": rng,
+                        "state": {"warm_up": warm_up.factor if warm_up is not None else 1.0},
+                        "scaler": scaler.state_dict() if scaler is not None else {}, "options": asdict(opts),
+                    }  # fmt: skip
+                    if done % opts.save_every == 0:
+                        save_checkpoint(checkpoint, folder / checkpoint_name(done))
+                    if done == opts.total_epoch:
+                        save_checkpoint(checkpoint, folder / LAST_CHECKPOINT)
+                    curves.update(history)
     finally:
         if progress is not None:
             progress.close()  # also on errors and Ctrl-C: the message then starts on its own line
     history["curve_updates"] = curves.updates
     if return_model:
-        return history, _unwrap(model)
+        return history, unwrap(model)
     return history
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The network itself, out of a DataParallel or DistributedDataParallel wrapper."""
-    return model.module if isinstance(model, nn.DataParallel | DistributedDataParallel) else model
+def trained_run(prepared: str | Path, model_dir: str | Path, profile: str = "cpu-demo") -> Path:
+    """The run notebook 03 trains with ``profile``; trained here with the same code (and said so) when missing.
+
+    Lets every notebook after 03 run on its own, in a fresh kernel, in any order.
+    """
+    options = TrainOptions(data_dir=str(prepared), model_dir=str(model_dir), **PROFILES[profile])
+    run = run_dir(options)
+    if (run / LAST_CHECKPOINT).is_file():
+        print(f"Using the model trained in notebook 03: {display_path(run)}/{LAST_CHECKPOINT}")
+    else:
+        print(f"No trained model in {display_path(run)}: training it now with the settings of notebook 03.")
+        train(options, overwrite=True)
+    return run
+
+
+# --------------------------------------------------------------------------- the command line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -579,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=d.backbone, choices=BACKBONES)
     p.add_argument("--stride", type=int, default=d.stride, choices=[1, 2])
     p.add_argument("--droprate", type=float, default=d.droprate)
+    p.add_argument("--linear_num", type=int, default=d.linear_num, help="size of the embedding (the test feature)")
     p.add_argument("--height", type=int, default=d.height)
     p.add_argument("--width", type=int, default=d.width)
     p.add_argument("--label_smoothing", type=float, default=d.label_smoothing, help="e.g. 0.1")
@@ -588,13 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", type=int, default=d.instances, help="K images per identity (triplet)")
     p.add_argument("--fast_data", action="store_true", help="decode images once into (GPU) memory, batch augmentation")
     p.add_argument("--channels_last", action="store_true", help="NHWC memory layout for the convolutions")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU; CPUs with native bf16)")
+    p.add_argument("--fp16", action="store_true", help="float16 mixed precision with loss scaling (GPU)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (GPU; CPUs with native bf16)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--skip_corrupt", action="store_true", help="leave unreadable images out (with a notice)")
     p.add_argument("--no_pretrained", action="store_true", help="start from random weights")
     p.add_argument("--save_every", type=int, default=d.save_every, help="checkpoint + curves every N epochs")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--num_workers", type=int, default=None)
+    p.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (with --fast_data: threads)")
     p.add_argument("--resume", action="store_true", help="continue <model_dir>/<name> from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier run of the same name first")
     return p
@@ -611,9 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         history = train(opts, resume=args.resume, overwrite=args.overwrite)
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        rank = distributed.rank()
+        distributed.shutdown()
         if rank != 0:
             return 0  # rank 0 reports for everyone
     except (TrainError, FileNotFoundError, ValueError) as err:

@@ -9,6 +9,8 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
+from reid_utils.files import atomic_write
+
 
 def in_notebook() -> bool:
     """True inside a Jupyter kernel, where figures can be displayed and updated in place."""
@@ -51,10 +53,8 @@ class TrainingCurves:
 
     def update(self, history: dict[str, list[float]]) -> None:
         fig = self.draw(history)
-        if self.path is not None:
-            tmp = self.path.with_name(self.path.stem + ".tmp" + self.path.suffix)
-            fig.savefig(tmp, dpi=80)
-            os.replace(tmp, self.path)  # a reader never sees a half-written picture
+        if self.path is not None:  # a reader never sees a half-written picture
+            atomic_write(self.path, lambda tmp: fig.savefig(tmp, dpi=80, format=self.path.suffix.lstrip(".")))
         if self.live:
             from IPython.display import display
 

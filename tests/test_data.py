@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from reid_utils.data import (
+    ClassicData,
     MarketNameError,
     build_dataloaders,
     build_transforms,
@@ -105,7 +106,7 @@ def test_dataloaders_explain_an_unprepared_folder(tiny_market):
 
 def test_sharded_dataloaders_split_each_epoch_between_processes(tiny_prepared):
     shards = [
-        build_dataloaders(tiny_prepared, batch_size=4, height=32, width=16, num_workers=0, shard=(rank, 2))[0]["train"]
+        build_dataloaders(tiny_prepared, 4, height=32, width=16, shard=(rank, 2), backend=ClassicData(0))[0]["train"]
         for rank in (0, 1)
     ]
     n = len(shards[0].dataset)
@@ -118,5 +119,7 @@ def test_sharded_dataloaders_split_each_epoch_between_processes(tiny_prepared):
         assert labels.tolist() == [loader.dataset.targets[i] for i in indices[-1]]  # the loader follows its shard
     assert len(indices[0]) == len(indices[1]) == -(-n // 2)
     assert set(indices[0]) | set(indices[1]) == set(range(n)) and len(set(indices[0]) & set(indices[1])) <= n % 2
-    pk = build_dataloaders(tiny_prepared, batch_size=4, height=32, width=16, num_workers=0, instances=2, shard=(1, 2))
+    pk = build_dataloaders(
+        tiny_prepared, batch_size=4, height=32, width=16, instances=2, shard=(1, 2), backend=ClassicData(0)
+    )
     assert pk[0]["train"].sampler.rank == 1 and pk[0]["train"].sampler.world == 2

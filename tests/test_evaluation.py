@@ -9,7 +9,7 @@ import torch
 import yaml
 from torch import nn
 
-from reid_utils.data import parse_market_name
+from reid_utils.data import ClassicData, parse_market_name
 from reid_utils.test import (
     FeatureSet,
     evaluate_features,
@@ -42,7 +42,7 @@ def model(trained_run):
 
 
 def loader(prepared, split, batch_size=8):
-    return evaluation_loader(prepared / split, HEIGHT, WIDTH, batch_size=batch_size, num_workers=0)
+    return evaluation_loader(prepared / split, HEIGHT, WIDTH, batch_size=batch_size, backend=ClassicData(0))
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from torch import nn
 from reid_utils import exercises
 from reid_utils.exercises import NOT_YET, STILL_A_STUB
 from reid_utils.series import execute, notebook_paths
-from reid_utils.student import SOLUTION_TAG, main, stub_source
+from reid_utils.student import MARKER, SOLUTION_TAG, main, stub_source
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -221,30 +221,24 @@ def test_checkers_leave_the_random_state_alone_and_print_the_same_line_twice(cap
 # --------------------------------------------------------------------------- the checkers' truths
 
 
-def test_skip_rule_is_the_rule_of_run_epoch_phase():
+def test_skip_rule_is_the_rule_of_train_one_phase():
     """The checker's copy of the rule against the training loop itself, one short batch after a full one."""
-    from reid_utils.train import TrainOptions, run_epoch_phase
+    from reid_utils.train import train_one_phase
 
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(2, 3)
+    class Batches(list):
+        """Two batches, as a DataLoader made with ``batch_size`` hands them out."""
 
-        def forward(self, x, with_features=False, **_):
-            logits = self.fc(x)
-            return (logits, x) if with_features else logits
+        def __init__(self, sizes, batch_size):
+            super().__init__((torch.zeros(n, 2), torch.zeros(n, dtype=torch.long)) for n in sizes)
+            self.batch_size = batch_size
 
     def skipped(batch_images, batch_size, phase):
-        model = Tiny()
-        loader = [(torch.zeros(n, 2), torch.zeros(n, dtype=torch.long)) for n in (batch_size, batch_images)]
-        *_, count = run_epoch_phase(
-            model=model, loader=loader, phase=phase, device=torch.device("cpu"),
-            criterion=lambda outputs, labels, *rest: nn.functional.cross_entropy(outputs, labels),
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.0), opts=TrainOptions(batchsize=batch_size),
-            state={"warm_up": 1.0, "warm_iterations": 1}, scaler=torch.amp.GradScaler("cpu", enabled=False),
-            use_amp=False, progress=None,
+        model = nn.Linear(2, 3)
+        result = train_one_phase(
+            model, Batches((batch_size, batch_images), batch_size), phase, nn.CrossEntropyLoss(),
+            torch.optim.SGD(model.parameters(), lr=0.0), torch.device("cpu"),
         )  # fmt: skip
-        return count == 1
+        return result.skipped == 1
 
     for case in exercises.SHOULD_SKIP_CASES:
         assert exercises.skip_rule(*case) == skipped(*case), case
@@ -327,7 +321,7 @@ def student_copy(tmp_path_factory):
 
 def test_student_copy_has_every_notebook_with_solutions_stubbed_and_outputs_cleared(student_copy):
     originals = notebook_paths(NOTEBOOKS)
-    assert sorted(p.name for p in student_copy.iterdir()) == [p.name for p in originals]
+    assert sorted(p.name for p in student_copy.iterdir()) == sorted([p.name for p in originals] + [MARKER])
     for path in originals:
         original = nbformat.read(path, as_version=4)
         copy = nbformat.read(student_copy / path.name, as_version=4)
@@ -370,8 +364,8 @@ def test_student_copy_replaces_an_earlier_copy_in_one_step(tmp_path, monkeypatch
     import reid_utils.student as student
 
     out = tmp_path / "student"
-    out.mkdir()
-    (out / "99_stale.ipynb").write_text("{}")
+    assert main(["--out", str(out)]) == 0
+    (out / "99_stale.ipynb").write_text("{}")  # an earlier copy of this command's, with a notebook since removed
     assert main(["--out", str(out)]) == 0
     assert not (out / "99_stale.ipynb").exists() and (out / "01_data_preparation.ipynb").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]  # no temporary folders left
@@ -407,12 +401,17 @@ def test_student_refuses_bad_output_folders(tmp_path, capsys):
     cases[str(tmp_path / "a_file")] = "is a file"
     (tmp_path / "mixed").mkdir()
     (tmp_path / "mixed" / "notes.txt").write_text("mine")
-    cases[str(tmp_path / "mixed")] = "other things than notebooks (notes.txt)"
+    cases[str(tmp_path / "mixed")] = "was not made by python -m reid_utils.student"
+    (tmp_path / "teacher").mkdir()  # a teacher's own notebooks: notebooks only, but not a copy this command made
+    (tmp_path / "teacher" / "01_my_lesson.ipynb").write_text('{"mine": true}')
+    cases[str(tmp_path / "teacher")] = "refusing to replace it"
     for out, message in cases.items():
         assert main(["--out", out]) == 2, out
         err = capsys.readouterr().err
         assert err.startswith("student: error: --out") and message in err, err
     assert (tmp_path / "mixed" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "teacher").iterdir()) == ["01_my_lesson.ipynb"]
+    assert (tmp_path / "teacher" / "01_my_lesson.ipynb").read_text() == '{"mine": true}'
     assert not (NOTEBOOKS / "student").exists()
     with pytest.raises(SystemExit) as exit_info:
         main(["--bogus"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -14,18 +13,29 @@ from torch.utils._pytree import tree_leaves
 from torchvision import datasets, transforms
 from torchvision.transforms import functional as TF
 
-from reid_utils.data import IMAGENET_MEAN, IMAGENET_STD, build_dataloaders, build_transforms
+from reid_utils.data import IMAGENET_MEAN, IMAGENET_STD, ClassicData, build_dataloaders, build_transforms
 from reid_utils.fastdata import (
+    CachedData,
     CachedImageFolder,
     CachedLoader,
     TensorAugment,
-    build_cached_loaders,
     build_tensor_transforms,
-    cached_evaluation_loader,
+    decode_image,
 )
 from reid_utils.samplers import PKSampler
 
 H, W = 64, 32
+
+
+def build_cached_loaders(data_dir, batch_size, *args, device=None, **kwargs):
+    """The builder with the fast backend, as the trainer calls it with --fast_data."""
+    return build_dataloaders(data_dir, batch_size, *args, backend=CachedData(device=device), **kwargs)
+
+
+def cached_evaluation_loader(folder, height, width, batch_size=64, device=None):
+    from reid_utils.test import evaluation_loader
+
+    return evaluation_loader(folder, height, width, batch_size, backend=CachedData(device=device))
 
 
 @pytest.fixture(scope="module")
@@ -81,26 +91,23 @@ def test_cache_holds_the_pixels_of_pil_decode_and_resize(prepared, train_set):
     assert image.shape == (3, H, W) and target == listing.targets[3]
 
 
-def test_disk_cache_is_reused_and_rebuilt_when_the_folder_changes(prepared, train_set, tmp_path):
-    first = CachedImageFolder(prepared / "val", H, W, cache_dir=tmp_path)
-    assert not first.from_disk and first.cache_file.is_file()
-    assert not list(tmp_path.glob(".*tmp*")), "the temporary file was renamed into place"
-    second = CachedImageFolder(prepared / "val", H, W, cache_dir=tmp_path)
-    assert second.from_disk and torch.equal(second.images, first.images)
-    other_size = CachedImageFolder(prepared / "val", 32, 16, cache_dir=tmp_path)
-    assert not other_size.from_disk and other_size.cache_file != first.cache_file
-    # a damaged cache file is rebuilt, not trusted
-    first.cache_file.write_bytes(b"not a tensor")
-    assert not CachedImageFolder(prepared / "val", H, W, cache_dir=tmp_path).from_disk
-    # a touched image changes the key
-    path, key = first.samples[0][0], first.cache_key()
-    stat = os.stat(path)
-    try:
-        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-        touched = CachedImageFolder(prepared / "val", H, W, cache_dir=tmp_path)
-        assert touched.cache_key() != key and not touched.from_disk
-    finally:
-        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+def test_unreadable_images_stop_with_the_classic_message_or_are_skipped(prepared, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "val"
+    shutil.copytree(prepared / "val", folder)
+    broken = sorted(folder.rglob("*.jpg"))[1]
+    broken.write_bytes(broken.read_bytes()[:100])  # a truncated download
+    with pytest.raises(ValueError, match=f"{broken.name} cannot be read as an image"):
+        CachedImageFolder(folder, H, W)
+    kept = CachedImageFolder(folder, H, W, skip_corrupt=True)
+    assert "Skipped 1 unreadable image(s)" in capsys.readouterr().out
+    listing = datasets.ImageFolder(str(folder))
+    assert len(kept) == len(kept.targets) == len(kept.images) == len(listing) - 1
+    assert str(broken) not in [path for path, _ in kept.samples]
+    for index, (path, target) in enumerate(kept.samples):  # every row still holds its own image
+        assert kept.targets[index] == target
+        assert torch.equal(kept.images[index], torch.from_numpy(decode_image(path, H, W)).permute(2, 0, 1))
 
 
 # --------------------------------------------------------------------------- batched augmentation
@@ -331,12 +338,12 @@ def test_sharded_loaders_split_each_epoch_and_augment_differently(prepared):
     assert [s.sampler.rank for s in pk] == [0, 1] and len(pk[0]) == len(pk[1]) > 0
 
 
-# --------------------------------------------------------------------------- drop-in for build_dataloaders
+# --------------------------------------------------------------------------- one builder, two backends
 
 
-def test_build_cached_loaders_matches_build_dataloaders(prepared):
+def test_the_fast_backend_gives_what_the_classic_one_gives(prepared):
     for train_all in (False, True):
-        classic, classic_sizes, classic_names = build_dataloaders(prepared, 8, train_all, H, W, num_workers=0)
+        classic, classic_sizes, classic_names = build_dataloaders(prepared, 8, train_all, H, W, backend=ClassicData(0))
         cached, sizes, names = build_cached_loaders(prepared, 8, train_all, H, W)
         assert sizes == classic_sizes and names == classic_names
         assert len(cached["train"]) == len(classic["train"]) and len(cached["train"].dataset) == sizes["train"]
@@ -362,7 +369,7 @@ def test_feature_extraction_from_the_cache_matches_the_dataloader(prepared):
 
     torch.manual_seed(0)
     model = ReIDNet(6, "resnet18", pretrained=False, quiet=True).eval()
-    classic = extract_features(model, evaluation_loader(prepared / "query", H, W, num_workers=0))
+    classic = extract_features(model, evaluation_loader(prepared / "query", H, W, backend=ClassicData(0)))
     cached = extract_features(model, cached_evaluation_loader(prepared / "query", H, W))
     assert classic.paths == cached.paths and np.array_equal(classic.pids, cached.pids)
     assert torch.allclose(classic.features, cached.features, atol=1e-5)

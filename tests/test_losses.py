@@ -5,8 +5,9 @@ from itertools import pairwise
 
 import pytest
 import torch
+from torch import nn
 
-from reid_utils.losses import TripletLoss, batch_hard_triplet_loss, hardest_pairs, pairwise_distances
+from reid_utils.losses import ReIDLoss, WarmUp, batch_hard_triplet_loss, hardest_pairs, pairwise_distances
 
 # Four 1-d embeddings on a line, two identities, margin 0.3:
 #
@@ -62,7 +63,7 @@ def test_hardest_pairs_marks_anchors_without_positive_or_negative():
 def test_loss_by_hand():
     x, labels = line_batch()
     assert batch_hard_triplet_loss(x, labels, margin=0.3).item() == pytest.approx(LINE_LOSS)
-    assert TripletLoss(margin=0.3)(x, labels).item() == pytest.approx(LINE_LOSS)
+    assert batch_hard_triplet_loss(x, labels, margin=0.3).item() == pytest.approx(LINE_LOSS)
 
 
 def test_soft_margin_by_hand_and_positive_even_when_separated():
@@ -70,7 +71,7 @@ def test_soft_margin_by_hand_and_positive_even_when_separated():
     assert batch_hard_triplet_loss(x, labels, soft=True).item() == pytest.approx(LINE_SOFT_LOSS)
     far = torch.tensor([[0.0], [0.1], [10.0], [10.1]])
     assert batch_hard_triplet_loss(far, labels, soft=True).item() > 0
-    assert TripletLoss(soft=True)(far, labels).item() > 0
+    assert batch_hard_triplet_loss(far, labels, soft=True).item() > 0
 
 
 def test_zero_loss_when_identities_are_separated_beyond_the_margin():
@@ -102,23 +103,20 @@ def test_error_when_no_anchor_has_a_triplet(labels):
         batch_hard_triplet_loss(torch.randn(4, 3), torch.tensor(labels))
 
 
-def test_rejects_mismatched_labels_and_negative_margin():
+def test_rejects_mismatched_labels():
     with pytest.raises(ValueError, match="one entry per row"):
         batch_hard_triplet_loss(torch.randn(4, 3), torch.tensor([0, 0, 1]))
-    with pytest.raises(ValueError, match="margin"):
-        TripletLoss(margin=-1.0)
 
 
 def test_optimising_embeddings_lowers_the_loss():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(16, 8, generator=generator).requires_grad_(True)
     labels = torch.arange(4).repeat_interleave(4)  # P=4 identities x K=4 images
-    criterion = TripletLoss(margin=0.3)
     optimizer = torch.optim.SGD([x], lr=1.0)  # large: the mean over 16 anchors makes each gradient small
     losses = []
     for _ in range(10):
         optimizer.zero_grad()
-        loss = criterion(x, labels)
+        loss = batch_hard_triplet_loss(x, labels, margin=0.3)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
@@ -126,6 +124,30 @@ def test_optimising_embeddings_lowers_the_loss():
     assert all(later <= earlier for earlier, later in pairwise(losses))
 
 
-def test_module_repr_shows_the_margin():
-    assert "margin=0.3" in repr(TripletLoss())
-    assert "soft" in repr(TripletLoss(soft=True))
+def test_reid_loss_sees_the_pooled_features_of_the_watched_model_in_training_only():
+    from reid_utils.model import ReIDNet
+
+    torch.manual_seed(0)
+    net = ReIDNet(4, backbone="resnet18", pretrained=False)
+    images, labels = torch.randn(8, 3, 32, 16), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    criterion = ReIDLoss(triplet_weight=1.0).watch(net)
+    features = net.features(images)  # BatchNorm in training mode: the same batch gives the same features
+    logits = net(images)  # training mode: the hook hands the pooled features over
+    expected = nn.functional.cross_entropy(logits, labels) + batch_hard_triplet_loss(features, labels)
+    assert torch.allclose(criterion(logits, labels), expected)
+    assert torch.equal(criterion(logits, labels), nn.functional.cross_entropy(logits, labels))  # used once only
+    net.eval()
+    with torch.no_grad():
+        logits = net(images)
+    assert torch.equal(criterion(logits, labels), nn.functional.cross_entropy(logits, labels))  # val: no triplet
+
+
+def test_warm_up_scales_training_losses_from_a_tenth_to_one():
+    warm = WarmUp(lambda outputs, labels: outputs.sum(), iterations=3)
+    ones = torch.ones(1, requires_grad=True)
+    factors = [warm(ones, None).item() for _ in range(5)]
+    assert factors == pytest.approx([0.4, 0.7, 1.0, 1.0, 1.0])  # 0.1 + 0.9 * step / iterations, at most 1
+    cold = WarmUp(lambda outputs, labels: outputs.sum(), iterations=3)
+    with torch.no_grad():  # the validation phase: neither scaled nor counted
+        assert cold(ones, None).item() == 1.0
+    assert cold.factor == 0.1

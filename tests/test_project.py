@@ -1,5 +1,6 @@
 """Project hygiene: the two install lists agree, and the code is lint-clean."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -42,3 +43,41 @@ def test_every_cli_has_a_main_guard():
         assert 'if __name__ == "__main__":' in source, module
     help_text = subprocess.run([sys.executable, "-m", "reid_utils.prepare", "--help"], capture_output=True, text=True)
     assert help_text.returncode == 0 and "--src" in help_text.stdout
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """The ``reid_utils`` modules a file imports, at the top or inside functions."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "reid_utils":
+            parts = node.module.split(".")
+            found |= {alias.name for alias in node.names} if len(parts) == 1 else {parts[1]}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("reid_utils.")}
+    return found
+
+
+def test_no_import_cycles_lazy_ones_included():
+    modules = {path.stem: path for path in (ROOT / "reid_utils").glob("*.py") if path.stem != "__init__"}
+    graph = {name: _imported_modules(path) & set(modules) - {name} for name, path in modules.items()}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in graph[start] - seen:
+            if nxt == goal or reaches(nxt, goal, seen | {nxt}):
+                return True
+        return False
+
+    cycles = sorted(name for name in graph if reaches(name, name, set()))
+    assert not cycles, f"modules on an import cycle: {cycles} ({ {n: sorted(graph[n]) for n in cycles} })"
+
+
+def test_the_package_docstring_lists_every_module_once():
+    import reid_utils
+
+    modules = {path.stem for path in (ROOT / "reid_utils").glob("*.py") if path.stem != "__init__"}
+    listed = re.findall(r"``(\w+)``", reid_utils.__doc__)
+    named = [name for name in listed if name in modules]
+    twice = {name for name in named if named.count(name) > 1}
+    assert sorted(named) == sorted(modules), f"missing: {modules - set(named)}; listed twice: {twice}"

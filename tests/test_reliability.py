@@ -19,7 +19,7 @@ import yaml
 from reid_utils import prepare as prepare_cli
 from reid_utils import test as test_cli
 from reid_utils import train as train_cli
-from reid_utils.train import TrainError, select_device
+from reid_utils.model import select_device
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--backbone", "resnet18", "--height", "32", "--width", "16", "--batchsize", "8", "--no_pretrained"]
@@ -104,7 +104,7 @@ def test_batch_larger_than_the_data_set(prepared_copy, tmp_path, capsys):
 def test_a_gpu_that_does_not_exist(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(TrainError, match="this machine has 1"):
+    with pytest.raises(ValueError, match="this machine has 1"):
         select_device("0,3")
 
 

@@ -1,22 +1,15 @@
-import ctypes
 import math
 
 import pytest
 import torch
 import yaml
 
+import reid_utils.speed as speed_module
 import reid_utils.train as train_module
-from reid_utils.train import (
-    ReIDLoss,
-    TrainError,
-    TrainOptions,
-    choose_precision,
-    latest_checkpoint,
-    lr_factor,
-    main,
-    select_device,
-    train,
-)
+from reid_utils.losses import ReIDLoss
+from reid_utils.model import select_device
+from reid_utils.runs import latest_checkpoint
+from reid_utils.train import TrainError, TrainOptions, lr_factor, main, train
 
 
 def tiny_options(data_dir, model_dir, **changes) -> TrainOptions:
@@ -65,17 +58,17 @@ def test_short_run_still_gets_net_last(tiny_prepared, tmp_path):
 
 def test_resume_after_interruption_reaches_the_same_weights(finished_run, tiny_prepared, tmp_path, monkeypatch):
     _, _, reference = finished_run
-    real_save = train_module._atomic_save
+    real_save = train_module.save_checkpoint
 
     def save_then_die(obj, path):
         real_save(obj, path)
         if path.name == "net_002.pth":
             raise KeyboardInterrupt  # the stop button, right after the first checkpoint
 
-    monkeypatch.setattr(train_module, "_atomic_save", save_then_die)
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_options(tiny_prepared, tmp_path), quiet=True)
-    monkeypatch.setattr(train_module, "_atomic_save", real_save)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
     assert latest_checkpoint(tmp_path / "tiny").name == "net_002.pth"
     assert not list((tmp_path / "tiny").glob(".*tmp*"))  # nothing half-written
 
@@ -104,7 +97,7 @@ def test_device_selection_falls_back_to_cpu(capsys):
     if not torch.cuda.is_available():
         device, ids = select_device("0")
         assert device.type == "cpu" and "CPU" in capsys.readouterr().out
-    with pytest.raises(TrainError, match="gpu_ids"):
+    with pytest.raises(ValueError, match="gpu_ids"):
         select_device("zero")
 
 
@@ -180,17 +173,17 @@ def test_fast_data_path_trains_and_resumes_exactly(tiny_prepared, tmp_path, monk
     """The cached-tensor data path: same loop, learns, and resumes to the same weights."""
     reference = train(tiny_options(tiny_prepared, tmp_path / "a", fast_data=True, channels_last=True), quiet=True)
     assert reference["train_loss"][-1] < reference["train_loss"][0]
-    real_save = train_module._atomic_save
+    real_save = train_module.save_checkpoint
 
     def save_then_die(obj, path):
         real_save(obj, path)
         if path.name == "net_002.pth":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "_atomic_save", save_then_die)
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_options(tiny_prepared, tmp_path / "b", fast_data=True, channels_last=True), quiet=True)
-    monkeypatch.setattr(train_module, "_atomic_save", real_save)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
     train(tiny_options(tiny_prepared, tmp_path / "b", fast_data=True, channels_last=True), resume=True, quiet=True)
     expected = torch.load(tmp_path / "a" / "tiny" / "net_last.pth", weights_only=False)["model"]
     resumed = torch.load(tmp_path / "b" / "tiny" / "net_last.pth", weights_only=False)["model"]
@@ -211,69 +204,16 @@ def test_overwrite_clears_everything_an_earlier_run_left(tiny_prepared, tmp_path
 
 
 def test_bf16_autocasts_on_a_cpu_that_computes_bfloat16(tiny_prepared, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: True)  # any CPU can run it; some do it natively
+    monkeypatch.setattr(speed_module, "cpu_has_bf16", lambda: True)  # any CPU can run it; some do it natively
     fp32 = train(tiny_options(tiny_prepared, tmp_path / "fp32", total_epoch=1, save_every=1), quiet=True)
     bf16 = train(tiny_options(tiny_prepared, tmp_path / "bf16", total_epoch=1, save_every=1, bf16=True), quiet=True)
     assert bf16["train_loss"] != fp32["train_loss"]  # the arithmetic changed: the model ran in bfloat16
     assert math.isclose(bf16["train_loss"][0], fp32["train_loss"][0], rel_tol=0.05)  # the same run otherwise
     # a CPU without bfloat16: float32 arithmetic, but opts.yaml keeps the request for a resume elsewhere
-    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(speed_module, "cpu_has_bf16", lambda: False)
     fallback = train(tiny_options(tiny_prepared, tmp_path / "fb", total_epoch=1, save_every=1, bf16=True), quiet=True)
     assert fallback["train_loss"] == fp32["train_loss"]
     assert yaml.safe_load((tmp_path / "fb" / "tiny" / "opts.yaml").read_text())["bf16"] is True
-
-
-def test_cpu_bf16_is_decided_by_the_cpu_flags(monkeypatch):
-    monkeypatch.setattr(train_module, "cpu_flags", lambda: {"avx512f", "avx512bw", "avx512vl"})  # Skylake-SP
-    assert train_module.cpu_has_bf16() is False  # AVX-512 alone: bfloat16 would be emulated, slower than float32
-    monkeypatch.setattr(train_module, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})  # Zen 4, Cooper Lake
-    assert train_module.cpu_has_bf16() is True
-    monkeypatch.setattr(train_module, "cpu_flags", lambda: {"amx_bf16", "amx_tile"})  # Sapphire Rapids
-    assert train_module.cpu_has_bf16() is True
-    monkeypatch.undo()
-    assert "fpu" in (train_module.cpu_flags() or {"fpu"})  # this Linux machine's real flags are read
-
-
-def test_precision_choices_and_their_notices(monkeypatch):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: False)
-    opts = TrainOptions(bf16=True)
-    use_amp, notice = choose_precision(opts, cpu)
-    assert not use_amp and "no native bfloat16" in notice and "float32" in notice and opts.bf16 is False
-    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: True)
-    assert choose_precision(TrainOptions(), cpu) == (False, None)  # the CPU autocasts only when asked to
-    assert choose_precision(TrainOptions(bf16=True), cpu) == (True, None)
-    # CUDA: only the device's answer is mocked, nothing runs on a GPU
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    opts = TrainOptions(bf16=True)
-    use_amp, notice = choose_precision(opts, cuda)
-    assert use_amp and "float16 with loss scaling" in notice and opts.bf16 is False
-    assert choose_precision(TrainOptions(), cuda) == (True, None)
-    assert choose_precision(TrainOptions(amp=False, bf16=True), cuda) == (False, None)
-
-
-class MallInfo2(ctypes.Structure):
-    """glibc's ``struct mallinfo2``: where the process's allocated memory lives."""
-
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                     "keepcost")
-    ]  # fmt: skip
-
-
-def test_reuse_freed_memory_keeps_large_blocks_in_the_process():
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = MallInfo2
-    assert train_module.reuse_freed_memory()  # Linux with glibc, as CI
-    mapped_before = libc.mallinfo2().hblkhd  # bytes in blocks mapped from the OS one by one (unmapped when freed)
-    block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, more than glibc's own 32 MiB limit for the heap
-    mapped_during = libc.mallinfo2().hblkhd
-    del block
-    # without the setting glibc maps such a block on its own and hands it back when it is freed; now it comes
-    # from the heap, and the heap keeps it for the next step
-    assert mapped_during - mapped_before < 64 << 20
-    assert libc.mallinfo2().arena >= 64 << 20
 
 
 def test_fast_data_on_the_cpu_reuses_freed_memory(tiny_prepared, tmp_path, monkeypatch):

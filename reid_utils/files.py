@@ -1,0 +1,138 @@
+"""Writing files and folders so that a crash, Ctrl-C or a full disk never leaves half of one behind.
+
+Every tool of the series writes the same way: to a hidden temporary name beside the target
+(``.NAME.tmp-PID``), then one rename. A reader sees the old file or the new one, never a mix. The
+temporary names carry the process id, so the next run of a tool can tell the leftovers of a killed
+run (its process is gone) from those of a run that is still going, and remove only the former.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
+
+
+def temporary_name(path: Path, kind: str = "tmp") -> Path:
+    """``dir/.NAME.tmp-PID``: hidden, beside the target (same file system, so the rename is atomic)."""
+    return path.parent / f".{path.name}.{kind}-{os.getpid()}"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call ``write(temporary path)``, then rename the result to ``path``.
+
+    ``atomic_write(p, lambda tmp: torch.save(obj, tmp))``; the temporary file is removed when
+    ``write`` fails, so nothing half-written stays behind.
+    """
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def swap_into_place(staging: Path, target: Path) -> None:
+    """Rename a finished folder to ``target``; an older ``target`` is deleted only after the swap."""
+    if not target.exists():
+        staging.rename(target)
+        return
+    retired = temporary_name(target, "old")
+    shutil.rmtree(retired, ignore_errors=True)
+    target.rename(retired)
+    try:
+        staging.rename(target)
+    except BaseException:
+        retired.rename(target)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+@contextmanager
+def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder in a hidden sibling and put it in place as ``target`` when the ``with`` block ends.
+
+    On an error (or Ctrl-C) inside the block the sibling is deleted and ``target`` stays as it was.
+    A check that must happen right before the swap (has someone else created ``target``?) goes at
+    the end of the block.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent, target.name)
+    staging = temporary_name(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        swap_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def process_is_alive(pid: int) -> bool:
+    """Whether a process with this id runs (on this machine). Unknown counts as alive: keep its files."""
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill would terminate the process there; never guess on Windows
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, it belongs to someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Delete ``.NAME.tmp-PID`` / ``.NAME.old-PID`` files and folders whose process has ended.
+
+    They are what a killed run left (a full checkpoint each, or a whole data folder). ``name``
+    limits the clean-up to the temporaries of one target; those of running processes are kept.
+    """
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        match = _TEMPORARY.match(path.name)
+        if match is None or (name is not None and match["name"] != name):
+            continue
+        if process_is_alive(int(match["pid"])):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def replace_problem(
+    target: Path, overwrite: bool, made_by_this_tool: bool, marker: str, tool: str = "this tool"
+) -> str | None:
+    """Why a tool may not (re)write ``target``, or None: only an empty folder or one it made is replaced.
+
+    ``--overwrite`` must never delete a folder of the user's that happens to have the same name;
+    a tool recognises its own folders by the marker file it writes into them.
+    """
+    if not target.exists() and not target.is_symlink():
+        return None
+    if not overwrite:
+        return f"{target} already exists. Pass --overwrite or choose another folder."
+    if not target.is_dir() or target.is_symlink():
+        return f"{target} exists and is not a folder. Remove it or choose another folder."
+    if not made_by_this_tool and any(target.iterdir()):
+        return (
+            f"{target} is not empty and was not made by {tool} (no {marker}); refusing to replace it. "
+            f"Remove it yourself or choose another folder."
+        )
+    return None
