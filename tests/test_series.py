@@ -1,6 +1,9 @@
-"""The main job's command line: HTML export and argument errors (executing the notebooks is nbval's job)."""
+"""The main job's command line: HTML export, profiles, failures and argument errors (nbval executes the notebooks)."""
 
-from reid_utils.series import main
+import nbformat
+import pytest
+
+from reid_utils.series import inject_profile, main, show_progress_bars_as_they_ended
 
 
 def test_html_export_of_the_committed_notebooks(tmp_path, capsys):
@@ -19,3 +22,80 @@ def test_user_errors_exit_2(tmp_path, capsys):
     assert "no notebooks match" in capsys.readouterr().err
     assert main(["--inplace", "--no_execute"]) == 2
     assert "would change nothing" in capsys.readouterr().err
+    assert main(["--inplace", "--profile", "market-gpu"]) == 2
+    assert "--profile without --inplace" in capsys.readouterr().err
+    assert main(["--timeout", "0", "--out", str(tmp_path)]) == 2
+    assert "--timeout" in capsys.readouterr().err
+
+
+def test_a_bad_market_folder_is_one_line_before_any_notebook_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("REID_DATASET", raising=False)
+    monkeypatch.setenv("MARKET1501_DIR", str(tmp_path / "not-market"))
+    assert main(["--out", str(tmp_path / "build")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.startswith("series: error: $MARKET1501_DIR=")
+    assert str(tmp_path / "not-market") in captured.err and "Traceback" not in captured.err
+    assert not (tmp_path / "build").exists()
+
+
+def test_the_profile_goes_right_after_the_parameters_cell():
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [
+        nbformat.v4.new_markdown_cell("# title"),
+        nbformat.v4.new_code_cell("PROFILE = None", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("print(PROFILE)"),
+    ]
+    assert inject_profile(notebook, "market-gpu")
+    assert [cell.source for cell in notebook.cells][1:3] == [
+        "PROFILE = None",
+        "PROFILE = 'market-gpu'  # injected by python -m reid_utils.series --profile",
+    ]
+    assert not inject_profile(nbformat.v4.new_notebook(), "cpu-demo")  # no parameters cell: nothing to do
+
+
+def _notebook(folder, name, *sources):
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    notebook.cells = [nbformat.v4.new_markdown_cell(f"# {name}")] + [nbformat.v4.new_code_cell(s) for s in sources]
+    nbformat.write(notebook, folder / f"{name}.ipynb")
+
+
+def test_a_failing_notebook_is_one_line_and_kept_and_the_others_still_run(tmp_path, capsys):
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    _notebook(folder, "01_fails", "x = 1", "raise ValueError('the data set is not where you said')", "print('never')")
+    _notebook(folder, "02_slow", "import time", "time.sleep(30)")
+    _notebook(folder, "03_works", "print('fine')")
+    code = main(["--notebooks", str(folder), "--out", str(tmp_path / "build"), "--timeout", "5"])
+    captured = capsys.readouterr()
+    assert code == 2
+    errors = [line for line in captured.err.splitlines() if line.startswith("series: error:")]
+    assert len(errors) == 2 and "Traceback" not in captured.err and "\x1b[" not in captured.err
+    assert "01_fails.ipynb, cell 2: ValueError: the data set is not where you said" in errors[0]
+    assert "02_slow.ipynb: a cell ran longer than --timeout 5 seconds" in errors[1]
+    kept = nbformat.read(tmp_path / "build" / "failed" / "01_fails.ipynb", as_version=4)
+    assert kept.cells[1].execution_count == 1 and not kept.cells[3].get("outputs")  # as far as it ran
+    summary = captured.out.splitlines()
+    assert any("01_fails.ipynb" in line and "FAILED" in line for line in summary)
+    assert any("03_works.ipynb" in line and " ok " in line for line in summary)  # the failures did not stop it
+    assert "2 of 3 notebooks failed" in captured.err
+
+
+@pytest.mark.parametrize(("value", "shown"), [(9100, "|██████████| 9100/9100"), (4550, "|█████     | 4550/9100")])
+def test_progress_bars_are_shown_as_they_ended(value, shown):
+    notebook = nbformat.v4.new_notebook()
+    view = {"model_id": "box", "version_major": 2, "version_minor": 0}
+    cell = nbformat.v4.new_code_cell("train(...)")
+    data = {"application/vnd.jupyter.widget-view+json": view, "text/plain": "cpu_demo:   0%|          | 0/9100"}
+    cell.outputs = [nbformat.v4.new_output("display_data", data)]
+    notebook.cells = [cell]
+    state = {
+        "box": {"state": {"children": ["IPY_MODEL_left", "IPY_MODEL_bar", "IPY_MODEL_right"]}},
+        "left": {"state": {"value": "cpu_demo:\u2007100%"}},
+        "bar": {"state": {"value": value, "max": 9100}},
+        "right": {"state": {"value": f"\u2007{value}/9100\u2007[00:22&lt;00:00]"}},
+    }
+    notebook.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": state}}
+    show_progress_bars_as_they_ended(notebook)
+    text = cell.outputs[0]["data"]["text/plain"]
+    assert shown in text and "[00:22<00:00]" in text and "0/9100" not in text.replace(f"{value}/9100", "")
