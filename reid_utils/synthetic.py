@@ -15,6 +15,11 @@ What makes it a re-identification problem rather than a toy:
   cameras;
 * the gallery holds distractors (pid ``0000``) and junk (pid ``-1``), as in Market.
 
+Two sizes (``--scale``): ``demo`` (the default, ~900 images, what the notebooks use) and
+``market``, which has the paper's exact counts (751 train ids / 12,936 images, 3,368 queries of 750
+ids, 19,732 gallery images with 2,793 distractors and 3,819 junk) so a full-size run can be
+rehearsed without the download.
+
 Every random decision comes from a generator derived from the seed and *what* is being drawn
 (e.g. ``(seed, pid, camera, image index)``), never from a shared stream, so an image does not
 depend on the order of generation and the same seed always gives byte-identical files.
@@ -23,13 +28,16 @@ depend on the order of generation and the same seed always gives byte-identical 
 import argparse
 import json
 import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from tqdm.auto import tqdm
 
 from reid_utils.files import atomic_folder, replace_problem
 
@@ -58,6 +66,12 @@ GAIT_RADIANS_PER_FRAME = 0.9  # consecutive frames show different phases of the 
 # Tags that keep the random streams of different kinds of decisions apart.
 _STREAM_SPLIT, _STREAM_LOOK, _STREAM_TRACK, _STREAM_CAMERA = 1, 2, 3, 4
 _STREAM_PERSON_IMAGE, _STREAM_DISTRACTOR, _STREAM_JUNK, _STREAM_EXTRAS = 5, 6, 7, 8
+_STREAM_SCALE_COUNTS, _STREAM_SCALE_TRACK = 9, 10
+
+# From this many images on, a generation takes long enough to deserve a progress bar and every CPU;
+# below it (the default set: 928 images, about a second) a pool's start-up is not worth it.
+LARGE_SET_IMAGES = 2_000
+CHUNK_IMAGES = 128  # images per task handed to a worker process
 
 RGB = tuple[int, int, int]
 
@@ -137,6 +151,47 @@ class Difficulty:
 DEFAULT_DIFFICULTY = Difficulty()
 
 
+@dataclass(frozen=True)
+class Scale:
+    """A named size preset. Totals left at ``None`` are whatever the per-identity draws give (the
+    demo, whose identity counts can be changed); numbers are hit exactly, and then the identity
+    counts are fixed and ``Difficulty.distractor_fraction``/``junk_fraction`` are not used."""
+
+    name: str
+    train_ids: int
+    test_ids: int
+    train_images: int | None = None
+    query_images: int | None = None
+    gallery_images: int | None = None  # distractors and junk included, as in bounding_box_test/
+    distractors: int | None = None
+    junk: int | None = None
+    cameras_per_id: tuple[int, int] = CAMERAS_PER_ID  # inclusive ranges, used by exact scales only
+    train_images_per_camera: tuple[int, int] = (1, 8)
+    gallery_images_per_camera: tuple[int, int] = (1, 7)  # per test identity and camera, query excluded
+
+    @property
+    def exact(self) -> bool:
+        return self.train_images is not None
+
+
+DEFAULT_SCALE = "demo"
+SCALES: dict[str, Scale] = {
+    "demo": Scale("demo", DEFAULT_TRAIN_IDS, DEFAULT_TEST_IDS),
+    # Zheng et al., ICCV 2015: every query camera of a test identity gets one query (at most 6).
+    "market": Scale(
+        "market",
+        train_ids=751,
+        test_ids=750,
+        train_images=12_936,
+        query_images=3_368,
+        gallery_images=19_732,
+        distractors=2_793,
+        junk=3_819,
+        cameras_per_id=(2, NUM_CAMERAS),
+    ),
+}
+
+
 class OutputExistsError(FileExistsError):
     """The output folder is already there. A subclass so the CLI can tell "you asked to clobber
     something" apart from an operating-system error such as a file standing where a folder must go."""
@@ -152,6 +207,7 @@ class SyntheticSummary:
     counts: dict[str, int]
     train_ids: int
     test_ids: int
+    scale: str = DEFAULT_SCALE
 
 
 @dataclass(frozen=True)
@@ -268,6 +324,26 @@ def _validate_arguments(seed: int, train_ids: int, test_ids: int, flag: str = ""
         )
 
 
+def _resolve_scale(scale: str, train_ids: int | None, test_ids: int | None, flag: str = "") -> tuple[Scale, int, int]:
+    """The preset and the identity counts to use: a demo's counts may be changed, an exact scale's not."""
+    if scale not in SCALES:
+        raise ValueError(f"{flag}scale must be one of {', '.join(SCALES)} (got {scale!r})")
+    preset = SCALES[scale]
+    if preset.exact:
+        given = [
+            f"{flag}{name}" for name, value in (("train_ids", train_ids), ("test_ids", test_ids)) if value is not None
+        ]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} cannot be combined with {flag}scale {scale}, which fixes "
+                f"{preset.train_ids} train and {preset.test_ids} test identities; drop {given[0]} "
+                f"or use {flag}scale {DEFAULT_SCALE}"
+            )
+    train = preset.train_ids if train_ids is None else train_ids
+    test = preset.test_ids if test_ids is None else test_ids
+    return preset, train, test
+
+
 def random_look(rng: np.random.Generator, difficulty: Difficulty = DEFAULT_DIFFICULTY) -> Look:
     """Draw one person's appearance; colours come from the shared palette on purpose."""
     palette = difficulty.palette
@@ -316,15 +392,26 @@ def _choose_pids(seed: int, train_ids: int, test_ids: int) -> tuple[tuple[int, .
     return train, test
 
 
-def _track(seed: int, pid: int) -> list[list[Shot]]:
-    """One identity walking past 2-4 cameras: per camera one sequence id and a few nearby frames."""
-    rng = _rng(seed, _STREAM_TRACK, pid)
-    n_cameras = int(rng.integers(CAMERAS_PER_ID[0], CAMERAS_PER_ID[1] + 1))
+def _track(seed: int, pid: int, images_per_camera: Sequence[int] | None = None) -> list[list[Shot]]:
+    """One identity walking past 2-4 cameras: per camera one sequence id and a few nearby frames.
+
+    An exact scale decides beforehand how many images each camera gets (``images_per_camera``, one
+    entry per camera); only which cameras, sequences and frames are then drawn here.
+    """
+    if images_per_camera is None:
+        rng = _rng(seed, _STREAM_TRACK, pid)
+        n_cameras = int(rng.integers(CAMERAS_PER_ID[0], CAMERAS_PER_ID[1] + 1))
+    else:
+        rng = _rng(seed, _STREAM_SCALE_TRACK, pid)
+        n_cameras = len(images_per_camera)
     cameras = sorted(int(c) for c in rng.choice(np.arange(1, NUM_CAMERAS + 1), size=n_cameras, replace=False))
     per_camera = []
-    for camera in cameras:
+    for i, camera in enumerate(cameras):
         sequence = int(rng.integers(1, NUM_SEQUENCES + 1))
-        n_images = int(rng.integers(IMAGES_PER_CAMERA[0], IMAGES_PER_CAMERA[1] + 1))
+        if images_per_camera is None:
+            n_images = int(rng.integers(IMAGES_PER_CAMERA[0], IMAGES_PER_CAMERA[1] + 1))
+        else:
+            n_images = int(images_per_camera[i])
         step = int(rng.integers(4, 16))
         first = int(rng.integers(0, 999_999 - step * n_images))
         box = int(rng.integers(1, 4))
@@ -334,10 +421,12 @@ def _track(seed: int, pid: int) -> list[list[Shot]]:
     return per_camera
 
 
-def _split_test_track(seed: int, pid: int, per_camera: list[list[Shot]]) -> list[Shot]:
-    """Market keeps one query per identity per camera; we take up to two cameras' worth."""
+def _split_test_track(
+    seed: int, pid: int, per_camera: list[list[Shot]], query_cameras: int = QUERY_CAMERAS_PER_ID
+) -> list[Shot]:
+    """Market keeps one query per identity per camera; the demo takes up to two cameras' worth."""
     rng = _rng(seed, _STREAM_TRACK, pid, 1)
-    n_query = min(QUERY_CAMERAS_PER_ID, len(per_camera))
+    n_query = min(query_cameras, len(per_camera))
     query_cameras = set(int(i) for i in rng.choice(len(per_camera), size=n_query, replace=False))
     shots = []
     for i, camera_shots in enumerate(per_camera):
@@ -347,11 +436,16 @@ def _split_test_track(seed: int, pid: int, per_camera: list[list[Shot]]) -> list
     return shots
 
 
-def _extras(seed: int, n_real_gallery: int, difficulty: Difficulty, taken: set[str]) -> list[Shot]:
-    """Distractors (0000) and junk (-1) with names that clash with nothing else."""
+def _extra_counts(n_real_gallery: int, difficulty: Difficulty) -> tuple[int, int]:
+    """How many distractors and junk images a demo gallery gets: fractions of the whole gallery."""
     rest = 1.0 - difficulty.distractor_fraction - difficulty.junk_fraction
     n_distractors = max(1, round(n_real_gallery * difficulty.distractor_fraction / rest))
     n_junk = max(1, round(n_real_gallery * difficulty.junk_fraction / rest))
+    return n_distractors, n_junk
+
+
+def _extras(seed: int, n_distractors: int, n_junk: int, taken: set[str]) -> list[Shot]:
+    """Distractors (0000) and junk (-1) with names that clash with nothing else."""
     rng = _rng(seed, _STREAM_EXTRAS)
     shots = []
     for pid, count in ((DISTRACTOR_PID, n_distractors), (JUNK_PID, n_junk)):
@@ -391,18 +485,96 @@ def _check_plan(plan: Plan) -> None:
         raise AssertionError("train identities must be real and disjoint from test identities")
 
 
-def make_plan(seed: int, train_ids: int, test_ids: int, difficulty: Difficulty = DEFAULT_DIFFICULTY) -> Plan:
-    """Decide every file name before drawing, so the layout can be checked up front."""
+def _exact_counts(rng: np.random.Generator, n: int, total: int, low: int, high: int) -> list[int]:
+    """``n`` counts in ``[low, high]`` that add up to ``total``: drawn uniformly, then moved one step
+    at a time at randomly chosen places until the sum is right (varied, yet exact)."""
+    if not n * low <= total <= n * high:
+        raise ValueError(f"cannot split {total} into {n} counts between {low} and {high}")
+    counts = rng.integers(low, high + 1, size=n)
+    while (gap := total - int(counts.sum())) != 0:
+        step = 1 if gap > 0 else -1
+        movable = np.flatnonzero(counts < high) if step > 0 else np.flatnonzero(counts > low)
+        counts[rng.choice(movable, size=min(abs(gap), movable.size), replace=False)] += step
+    return [int(c) for c in counts]
+
+
+def _pieces(flat: list[int], sizes: Sequence[int]) -> Iterator[list[int]]:
+    """Cut a flat list into consecutive pieces of the given sizes (one piece per identity)."""
+    start = 0
+    for size in sizes:
+        yield flat[start : start + size]
+        start += size
+
+
+def _exact_shots(seed: int, preset: Scale, train_pids: Sequence[int], test_pids: Sequence[int]) -> list[Shot]:
+    """Every person image of an exact scale: per-camera image counts are allotted first so that the
+    train, query and real-gallery totals come out exactly; each test camera gets one query."""
+    rng = _rng(seed, _STREAM_SCALE_COUNTS)
+    assert preset.train_images is not None and preset.query_images is not None
+    assert preset.gallery_images is not None and preset.distractors is not None and preset.junk is not None
+    low, high = preset.cameras_per_id
+    train_cameras = [int(n) for n in rng.integers(low, high + 1, size=len(train_pids))]
+    train_images = _exact_counts(rng, sum(train_cameras), preset.train_images, *preset.train_images_per_camera)
+    # One query per test camera, so the cameras per identity add up to the query count.
+    test_cameras = _exact_counts(rng, len(test_pids), preset.query_images, low, high)
+    n_real_gallery = preset.gallery_images - preset.distractors - preset.junk
+    gallery_images = _exact_counts(rng, preset.query_images, n_real_gallery, *preset.gallery_images_per_camera)
+
+    shots: list[Shot] = []
+    for pid, per_camera in zip(train_pids, _pieces(train_images, train_cameras), strict=True):
+        shots.extend(shot for camera_shots in _track(seed, pid, per_camera) for shot in camera_shots)
+    for pid, per_camera in zip(test_pids, _pieces(gallery_images, test_cameras), strict=True):
+        track = _track(seed, pid, [1 + n for n in per_camera])  # + the query
+        shots.extend(_split_test_track(seed, pid, track, query_cameras=NUM_CAMERAS))
+    return shots
+
+
+def _check_exact_counts(plan: Plan, preset: Scale) -> None:
+    """An exact scale promises the paper's numbers; a plan that misses one must never be drawn."""
+
+    def count(split: str, pid: int | None = None) -> int:
+        return sum(s.split == split and (pid is None or s.pid == pid) for s in plan.shots)
+
+    wanted = {
+        "train images": (count(TRAIN_DIR), preset.train_images),
+        "query images": (count(QUERY_DIR), preset.query_images),
+        "gallery images": (count(GALLERY_DIR), preset.gallery_images),
+        "distractors": (count(GALLERY_DIR, DISTRACTOR_PID), preset.distractors),
+        "junk images": (count(GALLERY_DIR, JUNK_PID), preset.junk),
+    }
+    for what, (got, expected) in wanted.items():
+        if got != expected:
+            raise AssertionError(f"the {preset.name} plan has {got} {what}, not {expected}")
+
+
+def make_plan(
+    seed: int,
+    train_ids: int | None = None,
+    test_ids: int | None = None,
+    difficulty: Difficulty = DEFAULT_DIFFICULTY,
+    scale: str = DEFAULT_SCALE,
+) -> Plan:
+    """Decide every file name before drawing, so the layout (and an exact scale's counts) can be
+    checked up front, for the price of a list."""
+    preset, train_ids, test_ids = _resolve_scale(scale, train_ids, test_ids)
+    _validate_arguments(seed, train_ids, test_ids)
     train_pids, test_pids = _choose_pids(seed, train_ids, test_ids)
     shots: list[Shot] = []
-    for pid in train_pids:
-        shots.extend(shot for camera_shots in _track(seed, pid) for shot in camera_shots)
-    for pid in test_pids:
-        shots.extend(_split_test_track(seed, pid, _track(seed, pid)))
-    n_real_gallery = sum(s.split == GALLERY_DIR for s in shots)
-    shots.extend(_extras(seed, n_real_gallery, difficulty, {s.filename for s in shots}))
+    if preset.exact:
+        assert preset.distractors is not None and preset.junk is not None
+        shots = _exact_shots(seed, preset, train_pids, test_pids)
+        n_distractors, n_junk = preset.distractors, preset.junk
+    else:
+        for pid in train_pids:
+            shots.extend(shot for camera_shots in _track(seed, pid) for shot in camera_shots)
+        for pid in test_pids:
+            shots.extend(_split_test_track(seed, pid, _track(seed, pid)))
+        n_distractors, n_junk = _extra_counts(sum(s.split == GALLERY_DIR for s in shots), difficulty)
+    shots.extend(_extras(seed, n_distractors, n_junk, {s.filename for s in shots}))
     plan = Plan(train_pids, test_pids, tuple(shots))
     _check_plan(plan)
+    if preset.exact:
+        _check_exact_counts(plan, preset)
     return plan
 
 
@@ -714,29 +886,96 @@ def _render_shot(
 # --------------------------------------------------------------------------------------------
 
 
-def _write_images(folder: Path, seed: int, plan: Plan, difficulty: Difficulty) -> dict[str, int]:
-    looks = {pid: random_look(_rng(seed, _STREAM_LOOK, pid), difficulty) for pid in plan.train_pids + plan.test_pids}
-    cameras = {camera: camera_style(seed, camera, difficulty) for camera in range(1, NUM_CAMERAS + 1)}
-    counts = dict.fromkeys(SPLITS, 0)
+@dataclass(frozen=True)
+class _ShotWriter:
+    """Renders and saves shots into one folder. Each shot's pixels depend only on the seed and the
+    shot, so it does not matter which process writes which shot, or in what order."""
+
+    folder: Path
+    seed: int
+    difficulty: Difficulty
+    looks: dict[int, Look]
+    cameras: dict[int, CameraStyle]
+
+    @classmethod
+    def for_plan(cls, folder: Path, seed: int, plan: Plan, difficulty: Difficulty) -> "_ShotWriter":
+        pids = plan.train_pids + plan.test_pids
+        looks = {pid: random_look(_rng(seed, _STREAM_LOOK, pid), difficulty) for pid in pids}
+        cameras = {camera: camera_style(seed, camera, difficulty) for camera in range(1, NUM_CAMERAS + 1)}
+        return cls(folder, seed, difficulty, looks, cameras)
+
+    def write(self, shots: Sequence[Shot]) -> int:
+        for shot in shots:
+            image, quality = _render_shot(self.seed, shot, self.looks, self.cameras, self.difficulty)
+            image.save(self.folder / shot.split / shot.filename, format="JPEG", quality=quality)
+        return len(shots)
+
+
+_worker_writer: _ShotWriter | None = None  # set once in each pool process, so looks are sent once
+
+
+def _start_worker(writer: _ShotWriter) -> None:
+    global _worker_writer
+    _worker_writer = writer
+
+
+def _write_in_worker(shots: Sequence[Shot]) -> int:
+    assert _worker_writer is not None, "_start_worker did not run in this process"
+    return _worker_writer.write(shots)
+
+
+def available_cpus() -> int:
+    """CPUs this process may use (a container's or taskset's limit, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _write_images(
+    folder: Path, seed: int, plan: Plan, difficulty: Difficulty, workers: int, progress: bool
+) -> dict[str, int]:
+    """Draw every shot, in ``workers`` processes when more than one; the bytes are the same either way."""
+    writer = _ShotWriter.for_plan(folder, seed, plan, difficulty)
     for split in SPLITS:
         (folder / split).mkdir()
+    chunks = [plan.shots[i : i + CHUNK_IMAGES] for i in range(0, len(plan.shots), CHUNK_IMAGES)]
+    bar = tqdm(total=len(plan.shots), unit="img", desc="Drawing synthetic Market-1501", disable=not progress)
+    try:
+        if workers == 1:
+            for chunk in chunks:
+                bar.update(writer.write(chunk))
+        else:
+            pool = ProcessPoolExecutor(max_workers=workers, initializer=_start_worker, initargs=(writer,))
+            try:
+                for written in pool.map(_write_in_worker, chunks):
+                    bar.update(written)
+            finally:
+                # On Ctrl-C or an error: drop the chunks not started and wait for the running ones,
+                # so no worker is still writing into the folder when the caller deletes it.
+                pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        bar.close()
+    counts = dict.fromkeys(SPLITS, 0)
     for shot in plan.shots:
-        image, quality = _render_shot(seed, shot, looks, cameras, difficulty)
-        image.save(folder / shot.split / shot.filename, format="JPEG", quality=quality)
         counts[shot.split] += 1
     return counts
 
 
 def _summary_payload(summary: SyntheticSummary, difficulty: Difficulty) -> dict[str, object]:
-    return {
-        "format_version": FORMAT_VERSION,
-        "generator": "reid_utils.synthetic",
-        "seed": summary.seed,
-        "train_ids": summary.train_ids,
-        "test_ids": summary.test_ids,
-        "counts": summary.counts,
-        "difficulty": asdict(difficulty),
-    }
+    """The ``SYNTHETIC.json`` content. The scale is written only when it is not the demo, so demo
+    sets keep the exact file they had before presets existed (and an absent scale reads as demo)."""
+    payload: dict[str, object] = {"format_version": FORMAT_VERSION, "generator": "reid_utils.synthetic"}
+    if summary.scale != DEFAULT_SCALE:
+        payload["scale"] = summary.scale
+    payload.update(
+        seed=summary.seed,
+        train_ids=summary.train_ids,
+        test_ids=summary.test_ids,
+        counts=summary.counts,
+        difficulty=asdict(difficulty),
+    )
+    return payload
 
 
 def read_summary(root: str | Path) -> SyntheticSummary | None:
@@ -754,9 +993,17 @@ def read_summary(root: str | Path) -> SyntheticSummary | None:
         return None
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in integers + list(counts.values())):
         return None
+    scale = payload.get("scale", DEFAULT_SCALE)
+    if not isinstance(scale, str):
+        return None
     seed, train_ids, test_ids = integers
     return SyntheticSummary(
-        root=root, seed=seed, counts={s: counts[s] for s in SPLITS}, train_ids=train_ids, test_ids=test_ids
+        root=root,
+        seed=seed,
+        counts={s: counts[s] for s in SPLITS},
+        train_ids=train_ids,
+        test_ids=test_ids,
+        scale=scale,
     )
 
 
@@ -770,27 +1017,46 @@ def _refuse_to_clobber(out: Path, overwrite: bool) -> None:
 def generate_market(
     out: str | Path,
     seed: int = 0,
-    train_ids: int = DEFAULT_TRAIN_IDS,
-    test_ids: int = DEFAULT_TEST_IDS,
+    train_ids: int | None = None,
+    test_ids: int | None = None,
     difficulty: Difficulty = DEFAULT_DIFFICULTY,
     overwrite: bool = False,
+    scale: str = DEFAULT_SCALE,
+    workers: int | None = None,
+    progress: bool | None = None,
 ) -> SyntheticSummary:
     """Write a complete Market-1501-style data set to ``out`` and describe it.
+
+    ``train_ids``/``test_ids`` default to the scale's (48/48 for the demo) and cannot be changed for
+    ``scale="market"``. ``workers`` (processes drawing images) and ``progress`` (a tqdm bar) default
+    to all CPUs and a bar for sets of ``LARGE_SET_IMAGES`` or more, else 1 and none; neither changes a
+    single byte of the output.
 
     The set is built in a hidden sibling folder and renamed into place only when complete, so a
     crash or Ctrl-C never leaves ``out`` looking finished.
     """
     root = Path(out)
+    plan_arguments = (seed, train_ids, test_ids, difficulty, scale)
+    preset, train_ids, test_ids = _resolve_scale(scale, train_ids, test_ids)
     _validate_arguments(seed, train_ids, test_ids)
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1 (got {workers})")
     target = root.absolute()
     if not target.name:
         raise ValueError(f"cannot use {out!r} as the output folder; name a folder")
     _refuse_to_clobber(target, overwrite)
-    plan = make_plan(seed, train_ids, test_ids, difficulty)
+    plan = make_plan(*plan_arguments)
+    large = len(plan.shots) >= LARGE_SET_IMAGES
+    if workers is None:
+        workers = min(available_cpus(), len(plan.shots) // CHUNK_IMAGES + 1) if large else 1
+    if progress is None:
+        progress = large
 
     with atomic_folder(target) as staging:  # the old set is removed only after the swap
-        counts = _write_images(staging, seed, plan, difficulty)
-        summary = SyntheticSummary(root=root, seed=seed, counts=counts, train_ids=train_ids, test_ids=test_ids)
+        counts = _write_images(staging, seed, plan, difficulty, workers, progress)
+        summary = SyntheticSummary(
+            root=root, seed=seed, counts=counts, train_ids=train_ids, test_ids=test_ids, scale=preset.name
+        )
         payload = _summary_payload(summary, difficulty)
         (staging / SUMMARY_FILE).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         _refuse_to_clobber(target, overwrite)  # again: something may have appeared while we were drawing
@@ -810,16 +1076,30 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path, help="folder to create")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same files (default: 0)")
     parser.add_argument(
+        "--scale",
+        choices=tuple(SCALES),
+        default=DEFAULT_SCALE,
+        help="demo: ~900 images in about a second (default); market: the paper's counts (751/750 ids, "
+        "12,936 train, 3,368 query, 19,732 gallery images; ~150 MB), under a minute on two cores",
+    )
+    parser.add_argument(
         "--train_ids",
         type=int,
-        default=DEFAULT_TRAIN_IDS,
-        help=f"identities in bounding_box_train (default: {DEFAULT_TRAIN_IDS})",
+        default=None,
+        help=f"identities in bounding_box_train (default: {DEFAULT_TRAIN_IDS}; --scale demo only)",
     )
     parser.add_argument(
         "--test_ids",
         type=int,
-        default=DEFAULT_TEST_IDS,
-        help=f"identities in query/bounding_box_test (default: {DEFAULT_TEST_IDS})",
+        default=None,
+        help=f"identities in query/bounding_box_test (default: {DEFAULT_TEST_IDS}; --scale demo only)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"processes that draw images (default: all CPUs from {LARGE_SET_IMAGES:,} images on, else 1); "
+        "the files are the same for any value",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing synthetic set")
     return parser
@@ -838,11 +1118,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     try:
-        _validate_arguments(args.seed, args.train_ids, args.test_ids, flag="--")
+        _, train_ids, test_ids = _resolve_scale(args.scale, args.train_ids, args.test_ids, flag="--")
+        _validate_arguments(args.seed, train_ids, test_ids, flag="--")
+        if args.workers is not None and args.workers < 1:
+            raise ValueError(f"--workers must be at least 1 (got {args.workers})")
     except ValueError as problem:
         return user_error(str(problem))
     try:
-        summary = generate_market(args.out, args.seed, args.train_ids, args.test_ids, overwrite=args.overwrite)
+        summary = generate_market(
+            args.out,
+            args.seed,
+            args.train_ids,
+            args.test_ids,
+            overwrite=args.overwrite,
+            scale=args.scale,
+            workers=args.workers,
+        )
     except OutputExistsError as problem:
         return user_error(str(problem))
     except OSError as problem:
@@ -850,10 +1141,11 @@ def main(argv: list[str] | None = None) -> int:
         reason = problem.strerror or str(problem)
         return user_error(f"cannot write to {args.out} ({reason}{where}); choose a writable --out folder")
     counts = summary.counts
+    scale_note = "" if summary.scale == DEFAULT_SCALE else f", scale {summary.scale}"  # the demo's line as before
     print(
         f"Synthetic Market-1501: {counts[TRAIN_DIR]} train, {counts[QUERY_DIR]} query, "
         f"{counts[GALLERY_DIR]} gallery images ({summary.train_ids} train ids, {summary.test_ids} test ids, "
-        f"seed {summary.seed}) in {summary.root}"
+        f"seed {summary.seed}{scale_note}) in {summary.root}"
     )
     return 0
 
