@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
+import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import Dataset, Sampler
 from torchvision import datasets, transforms
 
 from reid_utils import synthetic
@@ -119,9 +121,10 @@ def find_dataset(
     if data_dir is None and os.environ.get(FORCE_ENV_VAR) == "synthetic":  # the tests: same data everywhere
         return _announce(DatasetLocation(ensure_synthetic(root / SYNTHETIC_FOLDER_NAME), synthetic=True), quiet)
     # What the user named explicitly must be right: an error, not a silent fallback.
+    from_environment = os.environ.get(MARKET_ENV_VAR)
     explicit = [
         (data_dir, f"{data_dir}", "Point to the unzipped Market-1501-v15.09.15 folder."),
-        (os.environ.get(MARKET_ENV_VAR), f"${MARKET_ENV_VAR}", "Fix the variable or unset it."),
+        (from_environment, f"${MARKET_ENV_VAR}={from_environment}", "Fix the variable or unset it."),
     ]
     for given, what, fix in explicit:
         if given:
@@ -225,6 +228,16 @@ class CorruptImageError(ValueError):
     """An image file that PIL cannot decode (truncated download, disk error, not an image)."""
 
 
+def error_line(err: BaseException) -> str:
+    """An error as one line. A DataLoader worker's error arrives wrapped with the worker's traceback:
+    its last line is the original message."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())
+
+
 def read_image(path: str) -> Image.Image:
     """``ImageFolder``'s loader, but a broken file is named in the error instead of failing deep in PIL."""
     try:
@@ -232,10 +245,7 @@ def read_image(path: str) -> Image.Image:
             image = Image.open(file)
             return image.convert("RGB")  # convert() decodes the whole image: truncation shows up here
     except (OSError, SyntaxError, ValueError) as err:
-        raise CorruptImageError(
-            f"{path} cannot be read as an image ({err}). Delete or replace it, or pass --skip_corrupt "
-            f"to leave unreadable files out."
-        ) from None
+        raise CorruptImageError(f"{path} cannot be read as an image ({err}). Delete or replace it.") from None
 
 
 def image_folder(folder: str | os.PathLike, transform, skip_corrupt: bool = False) -> datasets.ImageFolder:
@@ -291,6 +301,68 @@ def check_test_folder(folder: Path) -> None:
         )
 
 
+def derived_seed(*numbers: int) -> int:
+    """One well-mixed seed from several numbers (run seed, epoch, image): independent random streams."""
+    return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class WithEpoch(Sampler):
+    """Hands the dataset ``(index, epoch)`` keys instead of indices, for ``SeededSamples``."""
+
+    def __init__(self, sampler: Sampler[int]) -> None:
+        self.sampler = sampler
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        return ((index, epoch) for index in self.sampler)
+
+
+class SeededSamples(Dataset):
+    """A dataset whose random transforms draw from a seed made of ``(seed, epoch, image index)``.
+
+    torchvision's transforms draw from torch's global random generator. With ``DataLoader`` worker
+    processes that generator is each worker's own, so an image's crop and flip would depend on which
+    worker loaded it and on state no checkpoint can hold -- a resumed run would augment differently.
+    Seeding every image from what it is makes the augmentation the same with 0, 2 or 8 workers, and
+    resumable exactly. The global generator of the process is left as it was (``fork_rng``), so dropout
+    draws the same numbers with and without workers.
+    """
+
+    def __init__(self, dataset: datasets.ImageFolder, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(self.seed, epoch, index))
+            return self.dataset[index]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.dataset.classes
+
+    @property
+    def targets(self) -> list[int]:
+        return self.dataset.targets
+
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        return self.dataset.samples
+
+
 class DataBackend(Protocol):
     """How one data path makes datasets and loaders (``ClassicData`` here, ``fastdata.CachedData``)."""
 
@@ -299,9 +371,7 @@ class DataBackend(Protocol):
         color_jitter: bool = False, skip_corrupt: bool = False,
     ): ...  # fmt: skip
 
-    def loader(
-        self, dataset, batch_size: int, sampler=None, shuffle: bool = False, generator=None, persistent: bool = False
-    ): ...
+    def loader(self, dataset, batch_size: int, sampler=None, seed: int | None = None, persistent: bool = False): ...
 
 
 class ClassicData:
@@ -319,17 +389,20 @@ class ClassicData:
         return image_folder(folder, transform, skip_corrupt)
 
     def loader(
-        self, dataset, batch_size: int, sampler=None, shuffle: bool = False, generator=None, persistent: bool = False
+        self, dataset, batch_size: int, sampler=None, seed: int | None = None, persistent: bool = False
     ) -> torch.utils.data.DataLoader:
+        """Batches in ``sampler``'s order (else dataset order); ``seed``: augment each image from its own seed."""
+        if seed is not None:
+            dataset, sampler = SeededSamples(dataset, seed), WithEpoch(sampler)
         return torch.utils.data.DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
             sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=persistent and torch.cuda.is_available(),
             persistent_workers=persistent and self.num_workers > 0,
-            generator=generator,
+            # its own generator: starting the workers must not draw from the global one (that dropout uses)
+            generator=torch.Generator().manual_seed(0 if seed is None else seed),
         )
 
 
@@ -368,14 +441,10 @@ def build_dataloaders(
     }
     if image_datasets["train"].classes != image_datasets["val"].classes:
         raise ValueError(f"{data_dir}: train and val hold different identities; run prepare again.")
-    # seed + rank: under torchrun each process draws its own augmentations (rank 0: just seed)
-    generator = torch.Generator().manual_seed(seed + shard[0])
     train_set = image_datasets["train"]
     train_sampler = training_sampler(train_set, train_set.targets, batch_size, instances, seed, shard)
-    loaders = {
-        "train": backend.loader(
-            train_set, batch_size, train_sampler, shuffle=train_sampler is None, generator=generator, persistent=True
-        ),
+    loaders = {  # seed + rank: under torchrun each process augments its images with its own random numbers
+        "train": backend.loader(train_set, batch_size, train_sampler, seed=seed + shard[0], persistent=True),
         "val": backend.loader(image_datasets["val"], batch_size, persistent=True),
     }
     dataset_sizes = {phase: len(image_datasets[phase]) for phase in ("train", "val")}

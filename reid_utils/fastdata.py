@@ -59,6 +59,7 @@ from reid_utils.data import (
     CorruptImageError,
     check_transform_options,
     default_pad,
+    derived_seed,
     read_image,
     report_skipped,
 )
@@ -386,9 +387,10 @@ class CachedLoader:
     the last one may be short (no ``drop_last``: the trainer skips short training batches itself).
     ``len(loader)`` is the number of batches and ``loader.dataset`` the cached folder.
 
-    ``generator`` drives the shuffle *and* every random number of the augmentation, so saving
-    ``loader.generator.get_state()`` and restoring it with ``set_state`` replays the next epoch exactly --
-    what ``reid_utils.train`` does to resume a run. Everything runs in the main process: with the decoding
+    ``generator`` drives the shuffle *and* every random number of the augmentation, so the same generator
+    state replays the same batches. With ``seed`` (what the trainer uses) the generator is seeded afresh at
+    the start of every epoch from ``(seed, sampler.epoch)``: an epoch's batches then depend on the epoch
+    alone, and a resumed run needs no saved loader state. Everything runs in the main process: with the decoding
     gone, a batch takes well under a millisecond to assemble, and worker processes would cost more than
     they save (on 2 cores they would also compete with the model for the CPU).
 
@@ -409,6 +411,7 @@ class CachedLoader:
         sampler: Sampler[int] | None = None,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
+        seed: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
@@ -424,6 +427,7 @@ class CachedLoader:
         self.shuffle = shuffle
         self.sampler = sampler
         self.generator = generator
+        self.seed = seed
         self.drop_last = False
         self.device = torch.device(device) if device is not None else dataset.images.device
         # One copy to the device, now; on the CPU .to() returns the cache itself (no copy).
@@ -443,6 +447,9 @@ class CachedLoader:
         return torch.arange(len(self.dataset))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.seed is not None:  # every epoch's random numbers from (seed, epoch): resumable without saved state
+            epoch = getattr(self.sampler, "epoch", 0)
+            self.generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
         order = self.epoch_order()
         for start in range(0, len(order), self.batch_size):
             index = order[start : start + self.batch_size].to(self.device)
@@ -480,6 +487,6 @@ class CachedData:
 
     def loader(
         self, dataset: CachedImageFolder, batch_size: int, sampler: Sampler[int] | None = None,
-        shuffle: bool = False, generator: torch.Generator | None = None, persistent: bool = False,
+        seed: int | None = None, persistent: bool = False,
     ) -> CachedLoader:  # fmt: skip
-        return CachedLoader(dataset, batch_size, dataset.transform, shuffle, sampler, generator, self.device)
+        return CachedLoader(dataset, batch_size, dataset.transform, sampler=sampler, device=self.device, seed=seed)

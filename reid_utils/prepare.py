@@ -70,6 +70,13 @@ def _plan(src: Path) -> dict[str, list[tuple[Path, str]]]:
         images = _jpgs(folder)
         if not images:
             raise PrepareError(f"{folder} holds no .jpg images. Is the download complete?")
+        empty = [image for image in images if image.stat().st_size == 0]
+        if empty:
+            more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+            raise PrepareError(
+                f"{empty[0]}{more} is empty (0 bytes): an unzip or copy that stopped early? Unzip Market-1501 "
+                f"again, or delete the empty file(s)."
+            )
         by_pid: dict[str, list[Path]] = defaultdict(list)
         for image in images:
             try:
@@ -137,7 +144,8 @@ def prepare_market(
                 mode = _place(source, tmp / folder / pid / source.name, mode)
         (tmp / MARKER).write_text(json.dumps({**wanted, "identities": identities, "link": mode}, indent=1))
     if not quiet:
-        print(f"Prepared {display_path(dst)} from {display_path(src)} ({mode}s).")
+        how = {"hardlink": "hard links", "symlink": "symbolic links", "copy": "copies"}[mode]
+        print(f"Prepared {display_path(dst)} from {display_path(src)} ({how}).")
     return PrepareSummary(dst, counts, identities, reused=False)
 
 

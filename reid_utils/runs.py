@@ -7,15 +7,21 @@
     net_last.pth   the checkpoint of the last epoch
     train.jpg      the loss and error curves
     features.pt    what ``python -m reid_utils.test`` extracted
+    .lock          held by the training that writes the folder, so that a second one is refused
 
 Training (``reid_utils.train``) and evaluation (``reid_utils.test``) both go through this module, so
-neither needs the other to find a run's options or its newest checkpoint.
+neither needs the other to find a run's options or its newest checkpoint. A run folder belongs to the
+user: it may be copied, moved or resumed from another directory, and the files in it may be damaged; every
+function here says which file is the problem and what to do, in one line.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import pickle
 import re
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -27,6 +33,8 @@ from reid_utils.model import BACKBONES
 
 OPTIONS_FILE = "opts.yaml"
 LAST_CHECKPOINT = "net_last.pth"
+LOCK_FILE = ".lock"
+MAX_IMAGE_SIDE = 2048  # pixels; Market-1501 crops are 128x64 and the recipe trains at 256x128
 
 
 class TrainError(Exception):
@@ -73,34 +81,97 @@ class TrainOptions:
     num_classes: int = 0  # filled in from the data
 
     def check(self) -> None:
-        """Reject options that can only fail later, deep inside torch."""
+        """Reject options that can only fail later, deep inside torch, or train a useless model."""
         if self.total_epoch < 1:
             raise TrainError(f"--total_epoch must be at least 1, got {self.total_epoch}.")
         if self.batchsize < 2:
             raise TrainError(f"--batchsize must be at least 2 (BatchNorm needs 2 images), got {self.batchsize}.")
-        if self.lr <= 0:
-            raise TrainError(f"--lr must be positive, got {self.lr}.")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise TrainError(f"--lr must be a positive number, got {self.lr}.")
         if self.save_every < 1:
             raise TrainError(f"--save_every must be at least 1, got {self.save_every}.")
+        if self.warm_epoch < 0:
+            raise TrainError(f"--warm_epoch must be 0 (no warm-up) or more, got {self.warm_epoch}.")
         if self.backbone not in BACKBONES:
             raise TrainError(f"--backbone {self.backbone} is unknown: choose one of {', '.join(BACKBONES)}.")
         if self.stride not in (1, 2):
             raise TrainError(f"--stride must be 1 or 2, got {self.stride}.")
-        if not 0 <= self.droprate < 1 or not 0 <= self.erasing_p <= 1:
-            raise TrainError("--droprate must be in [0, 1) and --erasing_p in [0, 1].")
-        if not 0 <= self.label_smoothing < 1:
-            raise TrainError(f"--label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+        for flag, value, low, high in (("--height", self.height, 16, MAX_IMAGE_SIDE),
+                                       ("--width", self.width, 8, MAX_IMAGE_SIDE)):  # fmt: skip
+            if not low <= value <= high:
+                raise TrainError(f"{flag} must be between {low} and {high} pixels, got {value}.")
+        for flag, value, inclusive in (("--droprate", self.droprate, False), ("--erasing_p", self.erasing_p, True),
+                                       ("--label_smoothing", self.label_smoothing, False)):  # fmt: skip
+            if not (0 <= value <= 1 if inclusive else 0 <= value < 1):
+                raise TrainError(f"{flag} must be in [0, 1{']' if inclusive else ')'}, got {value}.")
         if self.linear_num < 1:
             raise TrainError(f"--linear_num must be at least 1, got {self.linear_num}.")
-        if self.triplet_weight < 0:
-            raise TrainError(f"--triplet_weight must be >= 0, got {self.triplet_weight}.")
-        if self.triplet_weight > 0 and not 2 <= self.instances <= self.batchsize // 2:
-            raise TrainError(
-                f"--instances {self.instances}: the triplet loss needs batches of P identities x K images with "
-                f"K >= 2 and P >= 2 (here --batchsize {self.batchsize})."
-            )
+        if not math.isfinite(self.triplet_weight) or self.triplet_weight < 0:
+            raise TrainError(f"--triplet_weight must be 0 or more, got {self.triplet_weight}.")
+        if not math.isfinite(self.triplet_margin) or self.triplet_margin < 0:
+            raise TrainError(f"--triplet_margin must be 0 or more, got {self.triplet_margin}.")
+        if self.triplet_weight > 0:
+            if not 2 <= self.instances <= self.batchsize // 2:
+                raise TrainError(
+                    f"--instances {self.instances}: the triplet loss needs batches of P identities x K images with "
+                    f"K >= 2 and P >= 2 (here --batchsize {self.batchsize})."
+                )
+            if self.batchsize % self.instances:
+                raise TrainError(
+                    f"--batchsize {self.batchsize} is not a multiple of --instances {self.instances}: a batch of "
+                    f"P identities x K images would split one identity. Use e.g. --batchsize "
+                    f"{self.batchsize // self.instances * self.instances}."
+                )
+        if not 0 <= self.seed <= 2**31:
+            raise TrainError(f"--seed must be between 0 and 2**31, got {self.seed}.")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise TrainError(f"--num_workers must be 0 (load in the main process) or more, got {self.num_workers}.")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise TrainError(f"--name '{self.name}' may only use letters, digits, '_', '-' and '.'.")
+
+
+# What a resumed run takes from the command line: where it is, where its data is, how long it goes on, and
+# how this machine runs it. Everything else defines the run itself and stays as saved.
+WHERE = ("name", "model_dir")
+THIS_MACHINE = ("data_dir", "total_epoch", "gpu_ids", "num_workers", "skip_corrupt", "save_every", "compile")
+NETWORK = ("backbone", "stride", "linear_num", "bnneck", "height", "width")  # the checkpoint's weights and inputs
+
+
+def resume_options(saved: TrainOptions, requested: TrainOptions, given: set[str] | None = None):
+    """The options a resumed run goes on with, and a one-line notice of what the command line changed or could not.
+
+    The run folder is where ``--name`` and ``--model_dir`` point *now* (a copied or moved folder is resumed
+    in place), ``--data_dir`` and the machine's settings given now win, a changed network is refused (the
+    checkpoint would not fit, or evaluation would rebuild another network), and any other option keeps the
+    run's own value and is named. ``given``: the options named on the command line (``None``: all of them).
+    """
+    given = {f.name for f in fields(TrainOptions)} if given is None else given
+    merged = TrainOptions(**asdict(saved))
+    changed, ignored = [], []
+    for field in fields(TrainOptions):
+        key = field.name
+        new, old = getattr(requested, key), getattr(saved, key)
+        if key == "num_classes" or key not in given or new == old:
+            continue
+        if key in WHERE:
+            setattr(merged, key, new)
+        elif key in THIS_MACHINE:
+            setattr(merged, key, new)
+            if key not in ("data_dir", "total_epoch"):
+                changed.append(f"--{key} {new} (the run had {old})")
+        elif key in NETWORK:
+            raise TrainError(
+                f"--{key} {new} differs from the run's {old}: a resumed run keeps its network. "
+                f"Leave --{key} out, or start a new run with another --name."
+            )
+        else:
+            ignored.append(f"--{key} {new} (the run's: {old})")
+    parts = []
+    if ignored:
+        parts.append("a resumed run keeps its own options, so these are ignored: " + ", ".join(ignored))
+    if changed:
+        parts.append("resuming with " + ", ".join(changed))
+    return merged, ("Note: " + "; ".join(parts) + ".") if parts else ""
 
 
 def run_dir(opts: TrainOptions) -> Path:
@@ -118,9 +189,20 @@ def load_options(folder: str | os.PathLike) -> TrainOptions:
     path = Path(folder) / OPTIONS_FILE
     if not path.is_file():
         raise TrainError(f"{path} not found: is '{Path(folder).name}' the --name of a finished or running training?")
-    saved = yaml.safe_load(path.read_text()) or {}
-    known = {f.name for f in fields(TrainOptions)}
-    return TrainOptions(**{k: v for k, v in saved.items() if k in known})
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(saved, dict):
+            raise ValueError("not a list of options")
+        known = {f.name for f in fields(TrainOptions)}
+        return TrainOptions(**{k: v for k, v in saved.items() if k in known})
+    except (yaml.YAMLError, ValueError, TypeError, UnicodeDecodeError) as err:
+        reason = " ".join(str(err).split())[:120]
+        raise TrainError(
+            f"{path} is damaged ({reason}). Fix it by hand, or copy it from a backup of the run."
+        ) from None
+
+
+# --------------------------------------------------------------------------- checkpoints
 
 
 def checkpoint_name(epoch: int) -> str:
@@ -132,13 +214,8 @@ def checkpoints(folder: str | os.PathLike) -> list[Path]:
     return sorted(Path(folder).glob("net_[0-9][0-9][0-9].pth"))
 
 
-def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
-    """``net_last.pth`` when present (the end of a run), else the highest-numbered one."""
-    folder = Path(folder)
-    if (folder / LAST_CHECKPOINT).is_file():
-        return folder / LAST_CHECKPOINT
-    numbered = checkpoints(folder)
-    return numbered[-1] if numbered else None
+class DamagedCheckpointError(TrainError):
+    """A checkpoint file that cannot be read: empty, cut short, or not a checkpoint."""
 
 
 def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> Path:
@@ -146,6 +223,157 @@ def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """A checkpoint, on the CPU (``load_state_dict`` moves weights where the model is; RNG states must stay)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """A checkpoint, on the CPU (``load_state_dict`` moves weights where the model is; RNG states must stay).
+
+    ``mmap=True`` reads tensors only when they are used: cheap when only the epoch is wanted.
+    """
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        size = path.stat().st_size if path.exists() else 0
+        what = "it is empty" if size == 0 else f"{size:,} bytes, cut short or not a checkpoint"
+        raise DamagedCheckpointError(f"{path} cannot be read ({what}: {type(err).__name__}).") from None
+    if not isinstance(checkpoint, dict) or not {"epoch", "model"} <= set(checkpoint):
+        raise DamagedCheckpointError(f"{path} cannot be read (not a checkpoint of this series).")
+    return checkpoint
+
+
+def checkpoint_epoch(path: Path) -> int:
+    """The epoch a checkpoint was saved after: from the name ``net_XXX.pth``, else read from the file."""
+    match = re.fullmatch(r"net_(\d{3})\.pth", path.name)
+    if match:
+        return int(match[1])
+    return int(load_checkpoint(path, mmap=True)["epoch"])
+
+
+def checkpoints_newest_first(folder: str | os.PathLike) -> list[tuple[Path, int | None]]:
+    """Every checkpoint with its epoch, the highest epoch first (``net_last.pth`` first among equals).
+
+    The newest is the one with the highest epoch *inside*: a ``net_last.pth`` left from before a run was
+    extended is older than the ``net_004.pth`` of the extension. An unreadable ``net_last.pth`` comes last
+    with epoch ``None``, so callers can name it and go on with the others.
+    """
+    folder = Path(folder)
+    found = [(path, checkpoint_epoch(path)) for path in checkpoints(folder)]
+    last = folder / LAST_CHECKPOINT
+    damaged = []
+    if last.is_file():
+        try:
+            found.append((last, checkpoint_epoch(last)))
+        except DamagedCheckpointError:
+            damaged.append((last, None))
+    found.sort(key=lambda item: (item[1], item[0].name == LAST_CHECKPOINT), reverse=True)
+    return found + damaged
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The checkpoint with the highest epoch inside (``None`` when there is none)."""
+    found = checkpoints_newest_first(folder) if Path(folder).is_dir() else []
+    return found[0][0] if found and found[0][1] is not None else None
+
+
+def check_checkpoint_matches(checkpoint: dict, opts: TrainOptions, path: Path) -> None:
+    """Refuse a checkpoint written by another run than the one ``opts.yaml`` describes (a folder mixing runs)."""
+    own = checkpoint.get("options") or {}
+    for key in (*NETWORK, "num_classes"):
+        if key in own and own[key] != getattr(opts, key):
+            raise TrainError(
+                f"{path} was trained with {key} = {own[key]}, but {OPTIONS_FILE} beside it says {getattr(opts, key)}: "
+                f"the folder mixes two runs. Restore the run's own {OPTIONS_FILE} or train it again."
+            )
+
+
+# --------------------------------------------------------------------------- one writer at a time
+
+
+class RunLock:
+    """Holds a run folder for one training: a second writer is refused, a killed one leaves nothing stuck.
+
+    The lock is the operating system's record lock on the file ``.lock`` (``lockf``; ``msvcrt.locking`` on
+    Windows), which the kernel releases when the process ends in any way -- no stale lock files to delete by
+    hand -- and which DataLoader worker processes forked from the training do not inherit. Such a lock is
+    the whole process's, so the folders this process holds are also remembered here, and a second training
+    in the same process (a notebook kernel) is refused too. Taking the lock is also the first write into the
+    folder, so an unwritable folder is found before any work.
+    """
+
+    _held: set[Path] = set()  # folders held by this process (the OS lock cannot tell two holders in one process)
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Take the folder (creating it), or raise ``TrainError`` naming the problem."""
+        if self.folder.resolve() in RunLock._held:  # checked before opening: closing the file would unlock it
+            raise self._in_use(f"{os.getpid()}, this one")
+        if self.folder.exists() and not self.folder.is_dir():
+            raise TrainError(f"{self.folder} is a file, not a folder: choose another --name or --model_dir.")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileExistsError:
+            raise TrainError(
+                f"--model_dir: a file stands where a folder of {self.folder} should be. Choose another --model_dir."
+            ) from None
+        except OSError as err:
+            raise TrainError(
+                f"cannot write to {self.folder} ({err.strerror}): choose a --model_dir you can write to."
+            ) from None
+        try:
+            _lock(fd)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise self._in_use(holder) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        RunLock._held.add(self.folder.resolve())
+
+    def _in_use(self, holder: str) -> TrainError:
+        return TrainError(
+            f"{self.folder} is in use by another training (process {holder}). Wait for it to finish, "
+            f"or train under another --name."
+        )
+
+    def release(self) -> None:
+        if self._fd is not None:
+            RunLock._held.discard(self.folder.resolve())
+            os.close(self._fd)  # closing releases the lock
+            self._fd = None
+
+
+def remove_unused_run(folder: str | os.PathLike) -> None:
+    """Remove a run folder that a failed start left without a checkpoint: only what training itself puts there."""
+    folder = Path(folder)
+    if not folder.is_dir() or checkpoints(folder) or (folder / LAST_CHECKPOINT).exists():
+        return
+    for name in (OPTIONS_FILE, "train.jpg", LOCK_FILE):
+        (folder / name).unlink(missing_ok=True)
+    try:
+        folder.rmdir()  # only when nothing else (of the user's) is in it
+    except OSError:
+        pass
+
+
+def _lock(fd: int) -> None:
+    """Take an exclusive lock on an open file without waiting; ``OSError`` when someone else holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -121,6 +121,28 @@ class PKSampler(Sampler[int]):
             yield from torch.cat(batches).tolist()
 
 
+class EpochShuffle(Sampler[int]):
+    """A new random order of ``n`` items every epoch, decided by ``seed + epoch`` alone.
+
+    The convention of ``DistributedSampler``, for one process: the order of an epoch does not depend on how
+    many epochs came before in *this* process, so a resumed run shuffles exactly as the uninterrupted one.
+    Call ``set_epoch(epoch)`` before each epoch.
+    """
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(self.n, generator=generator).tolist()
+
+
 def training_sampler(
     dataset: Sized,
     labels: Sequence[int] | torch.Tensor,
@@ -128,16 +150,17 @@ def training_sampler(
     instances: int = 0,
     seed: int = 0,
     shard: tuple[int, int] = (0, 1),
-) -> Sampler[int] | None:
+) -> Sampler[int]:
     """The order of the training images, shared by the classic and the cached loaders.
 
     P x K batches (``batch_size // instances`` identities x ``instances`` images) when ``instances > 0``; else,
     under several processes (``shard=(rank, world)``), this process's part of one shuffled order
-    (``DistributedSampler``); else ``None``: the loader shuffles by itself. Both samplers want ``set_epoch``.
+    (``DistributedSampler``); else a shuffle of all images (``EpochShuffle``). Each decides an epoch's order
+    from ``seed`` and the epoch alone (call ``set_epoch``), which makes resumed runs exact.
     """
     if instances > 0:
         return PKSampler(labels, batch_size // instances, instances, seed=seed, shard=shard)
     rank, world = shard
     if world > 1:
         return DistributedSampler(dataset, world, rank, shuffle=True, seed=seed)
-    return None
+    return EpochShuffle(len(dataset), seed)

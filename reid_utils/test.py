@@ -19,12 +19,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from reid_utils.data import ClassicData, DataBackend, check_test_folder, display_path, parse_market_name
+from reid_utils.data import ClassicData, DataBackend, check_test_folder, display_path, error_line, parse_market_name
 from reid_utils.fastdata import CachedData
 from reid_utils.files import atomic_write
 from reid_utils.metrics import Evaluation, evaluate
 from reid_utils.model import ReIDNet, build_model, check_weights_fit, select_device, unwrap
-from reid_utils.runs import TrainError, TrainOptions, latest_checkpoint, load_checkpoint, load_options
+from reid_utils.runs import (
+    DamagedCheckpointError,
+    TrainError,
+    TrainOptions,
+    check_checkpoint_matches,
+    checkpoints_newest_first,
+    load_checkpoint,
+    load_options,
+)
 
 
 @dataclass
@@ -82,22 +90,51 @@ def extract_features(
     )
 
 
-def load_trained_model(run: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[ReIDNet, TrainOptions]:
-    """Rebuild a run's network from its ``opts.yaml`` and load its newest checkpoint."""
+def choose_checkpoint(run: Path, which_epoch: str | int = "last") -> Path:
+    """The checkpoint to evaluate: the newest (``"last"``) or the one saved after epoch ``which_epoch``.
+
+    A damaged checkpoint that may be the newest is an error, not something to step over: the numbers
+    would silently belong to older weights.
+    """
+    found = checkpoints_newest_first(run)
+    readable = [(path, epoch) for path, epoch in found if epoch is not None]
+    if which_epoch == "last":
+        if not found:
+            raise TrainError(f"{run} holds no checkpoint yet (net_XXX.pth or net_last.pth). Train it first.")
+        damaged = [path for path, epoch in found if epoch is None]
+        if damaged:
+            earlier = f" Evaluate an earlier one with --which_epoch {readable[0][1]}," if readable else ""
+            raise DamagedCheckpointError(
+                f"{damaged[0]} cannot be read (empty or cut short).{earlier} or train the run again."
+            )
+        return found[0][0]
+    for path, epoch in readable:
+        if epoch == int(which_epoch):
+            return path
+    saved = ", ".join(str(epoch) for _, epoch in sorted(readable, key=lambda item: item[1])) or "none"
+    raise TrainError(f"{run} has no checkpoint of epoch {which_epoch} (saved epochs: {saved}).")
+
+
+def load_trained_model(
+    run: str | os.PathLike, device: torch.device | str = "cpu", which_epoch: str | int = "last"
+) -> tuple[ReIDNet, TrainOptions]:
+    """Rebuild a run's network from its ``opts.yaml`` and load its newest (or ``which_epoch``'s) checkpoint."""
     run = Path(run)
     if not run.is_dir():
         raise TrainError(f"no run at {run}. Check --name and --model_dir: they must match the ones used for training.")
     opts = load_options(run)
-    checkpoint_path = latest_checkpoint(run)
-    if checkpoint_path is None:
-        raise TrainError(f"{run} holds no checkpoint yet (net_XXX.pth or net_last.pth). Train it first.")
-    model = build_model(opts)
-    state = load_checkpoint(checkpoint_path)["model"]
+    checkpoint_path = choose_checkpoint(run, which_epoch)
+    checkpoint = load_checkpoint(checkpoint_path)
     try:
-        check_weights_fit(model, state, str(checkpoint_path))
+        check_checkpoint_matches(checkpoint, opts, checkpoint_path)
+    except TrainError as err:
+        raise TrainError(str(err)) from None
+    model = build_model(opts)
+    try:
+        check_weights_fit(model, checkpoint["model"], str(checkpoint_path))
     except ValueError as err:
         raise TrainError(str(err)) from None
-    model.load_state_dict(state)
+    model.load_state_dict(checkpoint["model"])
     return model.to(device).eval(), opts
 
 
@@ -115,11 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_flip", action="store_true", help="do not add the mirror image's embedding")
     parser.add_argument("--ap", default="market", choices=["market", "step"])
     parser.add_argument("--fast_data", action="store_true", help="decode the images once, normalise whole batches")
+    parser.add_argument("--which_epoch", default="last", help="'last' (the newest checkpoint) or an epoch number")
     args = parser.parse_args(argv)
+    if args.which_epoch != "last" and not args.which_epoch.isdigit():
+        parser.error(f"--which_epoch must be 'last' or an epoch number, not {args.which_epoch!r}")
     run = Path(args.model_dir) / args.name
     try:
         device, _ = select_device(args.gpu_ids)
-        model, opts = load_trained_model(run, device)
+        model, opts = load_trained_model(run, device, args.which_epoch)
         backend = CachedData(device=device) if args.fast_data else ClassicData()
         sets = {
             split: extract_features(
@@ -130,11 +170,16 @@ def main(argv: list[str] | None = None) -> int:
         }  # fmt: skip
         result = evaluate_features(sets["query"], sets["gallery"], ap=args.ap)
     except (TrainError, FileNotFoundError, ValueError) as err:
-        print(f"test: error: {err}", file=sys.stderr)
+        print(f"test: error: {error_line(err)}", file=sys.stderr)
         return 2
+    print(result.summary())  # the numbers first: a failure to save must not lose them
     features = {split: vars(feature_set) for split, feature_set in sets.items()}
-    target = atomic_write(run / "features.pt", lambda tmp: torch.save(features, tmp))
-    print(result.summary())
+    try:
+        target = atomic_write(run / "features.pt", lambda tmp: torch.save(features, tmp))
+    except OSError as err:
+        print(f"test: error: the results above are complete, but {run / 'features.pt'} could not be written "
+              f"({err.strerror or err}).", file=sys.stderr)  # fmt: skip
+        return 2
     print(f"Features saved to {display_path(target)}")
     return 0
 

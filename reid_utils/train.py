@@ -31,19 +31,33 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from reid_utils import distributed
-from reid_utils.data import ClassicData, build_dataloaders, display_path, find_dataset
+from reid_utils.data import (
+    ClassicData,
+    CorruptImageError,
+    build_dataloaders,
+    display_path,
+    error_line,
+    find_dataset,
+)
 from reid_utils.fastdata import CachedData
+from reid_utils.files import remove_stale_temporaries
 from reid_utils.losses import ReIDLoss, WarmUp
 from reid_utils.model import BACKBONES, build_model, check_weights_fit, parameter_groups, select_device, unwrap
 from reid_utils.runs import (
     LAST_CHECKPOINT,
+    DamagedCheckpointError,
+    RunLock,
     TrainError,
     TrainOptions,
+    check_checkpoint_matches,
     checkpoint_name,
     checkpoints,
+    checkpoints_newest_first,
     latest_checkpoint,
     load_checkpoint,
     load_options,
+    remove_unused_run,
+    resume_options,
     run_dir,
     save_checkpoint,
     save_options,
@@ -177,8 +191,7 @@ def images_to_come(loaders: dict, epochs: range) -> int:
     """All the images the loaders hand out over ``epochs`` (a P x K epoch's count depends on its shuffle)."""
     total = 0
     for epoch in epochs:
-        if hasattr(loaders["train"].sampler, "set_epoch"):
-            loaders["train"].sampler.set_epoch(epoch)
+        loaders["train"].sampler.set_epoch(epoch)
         total += images_per_epoch(loaders["train"]) + images_per_epoch(loaders["val"])
     return total
 
@@ -194,27 +207,65 @@ def data_backend(opts: TrainOptions, device: torch.device):
 
 
 def train(
-    opts: TrainOptions, resume: bool = False, overwrite: bool = False, quiet: bool = False, return_model: bool = False
+    opts: TrainOptions,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    return_model: bool = False,
+    given: set[str] | None = None,
 ):
     """Train (or resume) a run; returns the history of losses, errors and skipped batches (and the model).
 
-    ``overwrite`` deletes an earlier run of the same name; without it or ``resume`` an
-    existing run is an error, so checkpoints of two runs never mix. Under ``torchrun`` every
-    process runs this function; only rank 0 prints, draws and writes files.
+    ``overwrite`` deletes an earlier run of the same name; without it or ``resume`` an existing run is an
+    error, so checkpoints of two runs never mix, and a run folder in use by another training is refused.
+    ``resume`` continues the newest readable checkpoint of the folder ``opts`` points to; ``given`` names the
+    options the user gave for it (``None``: all of ``opts``; see ``runs.resume_options``). Under ``torchrun``
+    every process runs this function; only rank 0 prints, draws and writes files.
     """
-    folder = run_dir(opts)
-    existing = latest_checkpoint(folder) if folder.is_dir() else None
-    if resume:
-        if existing is None:
-            raise TrainError(f"--resume: no checkpoint in {folder}. Start the run without --resume.")
-        total_epoch = opts.total_epoch  # the one thing a resumed run may change: how long it goes on
-        opts = load_options(folder)
-        opts.total_epoch = total_epoch
     opts.check()
     rank, world_size = distributed.distributed_context()
+    folder = run_dir(opts)
+    created = not folder.exists()
+    lock, problem = RunLock(folder), None
+    if rank == 0:  # the first write into the folder: an unwritable one is found before any work
+        try:
+            lock.acquire()
+        except TrainError as err:
+            problem = err
+    if distributed.sum_over_processes([problem is not None])[0]:  # all processes stop together
+        raise problem or TrainError(f"the first process could not take {folder}: see its message.")
+    try:
+        return _train_in(folder, opts, resume, overwrite, quiet or rank != 0, return_model, given, rank, world_size)
+    except BaseException:
+        if rank == 0 and created:
+            remove_unused_run(folder)  # a run that never wrote a checkpoint leaves no folder behind
+        raise
+    finally:
+        lock.release()
+
+
+def _train_in(folder, opts, resume, overwrite, quiet, return_model, given, rank, world_size):
+    """``train`` once the run folder is held: options, data, model, the epochs, the checkpoints."""
     main_process = rank == 0  # only it prints, draws and saves
-    quiet = quiet or not main_process
-    if not resume and existing is not None:
+    if main_process:
+        remove_stale_temporaries(folder)  # half-written checkpoints of killed runs
+    found = checkpoints_newest_first(folder)
+    checkpoint = None
+    if resume:
+        if not found:
+            raise TrainError(f"--resume: no checkpoint in {folder}. Start the run without --resume.")
+        opts, notice = resume_options(load_options(folder), opts, given)
+        opts.check()
+        if notice and not quiet:
+            print(notice)
+        checkpoint, resumed_from = newest_readable_checkpoint(found, quiet)
+        check_checkpoint_matches(checkpoint, opts, resumed_from)
+        if opts.total_epoch < checkpoint["epoch"]:
+            raise TrainError(
+                f"--total_epoch {opts.total_epoch} is less than the {checkpoint['epoch']} epochs {opts.name} has "
+                f"done: give a larger --total_epoch to go on, or leave it out."
+            )
+    elif found:
         if not overwrite:
             raise TrainError(f"{folder} already holds a run. Pass --resume to continue it, or choose another --name.")
         if main_process:
@@ -268,18 +319,18 @@ def train(
     if dtype is not None:
         model, criterion = Autocast(model, device.type, dtype), Autocast(criterion, device.type, dtype)
     warm_up = None
-    if opts.warm_epoch > 0:
-        warm_up = criterion = WarmUp(criterion, max(1, sizes["train"] // opts.batchsize) * opts.warm_epoch)
+    if opts.warm_epoch > 0:  # this process's steps per epoch: its share of the images under torchrun
+        steps_per_epoch = max(1, images_per_epoch(loaders["train"]) // opts.batchsize)
+        warm_up = criterion = WarmUp(criterion, steps_per_epoch * opts.warm_epoch)
     if dtype == torch.float16:  # float16 needs loss scaling; bfloat16 does not
         scaler = torch.amp.GradScaler(device.type)
         criterion, step_optimizer = ScaledLoss(criterion, scaler), ScaledOptimizer(optimizer, scaler)
 
     history = {"train_loss": [], "train_err": [], "val_loss": [], "val_err": [], "skipped": [], "seconds": []}
     start_epoch = 0
-    if resume:
-        checkpoint = load_checkpoint(existing)
+    if checkpoint is not None:
         try:
-            check_weights_fit(unwrap(model), checkpoint["model"], str(existing))
+            check_weights_fit(unwrap(model), checkpoint["model"], str(resumed_from))
         except ValueError as err:
             raise TrainError(str(err)) from None
         unwrap(model).load_state_dict(checkpoint["model"])
@@ -291,18 +342,16 @@ def train(
         rng = checkpoint["rng"]
         per_process = rng.get("processes", [rng])
         if len(per_process) != world_size and not quiet:
-            print(f"Note: {existing.name} was saved by {len(per_process)} process(es), this run has {world_size}: "
+            print(f"Note: {resumed_from.name} was saved by {len(per_process)} process(es), this run has {world_size}: "
                   "it continues correctly, but not with the same random numbers as an uninterrupted run.")  # fmt: skip
         rng = per_process[rank] if len(per_process) == world_size else per_process[0]
-        torch.set_rng_state(rng["torch"])
-        loaders["train"].generator.set_state(rng["loader"])
+        torch.set_rng_state(rng["torch"])  # dropout; the data's random numbers follow from (seed, epoch)
         if "cuda" in rng and device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], device)  # dropout on the GPU draws from here
         if scaler is not None and checkpoint.get("scaler"):  # empty when the saving run did not scale its loss
             scaler.load_state_dict(checkpoint["scaler"])  # the float16 loss scale reached so far
         if not quiet:
-            print(f"Resuming {opts.name} from {existing.name} (epoch {start_epoch} of {opts.total_epoch}).")
-    folder.mkdir(parents=True, exist_ok=True)
+            print(f"Resuming {opts.name} from {resumed_from.name} (epoch {start_epoch} of {opts.total_epoch}).")
     if main_process:
         save_options(opts, folder)
     curves = TrainingCurves(folder / "train.jpg", live=False if quiet else None)  # quiet: no live figure
@@ -314,8 +363,7 @@ def train(
     try:
         for epoch in range(start_epoch, opts.total_epoch):
             started = time.perf_counter()
-            if hasattr(loaders["train"].sampler, "set_epoch"):
-                loaders["train"].sampler.set_epoch(epoch)  # the P x K sampler reshuffles per epoch, reproducibly
+            loaders["train"].sampler.set_epoch(epoch)  # this epoch's order and augmentation follow from it
             for phase in ("train", "val"):
                 loader = loaders[phase] if progress is None else Counted(loaders[phase], progress)
                 result = train_one_phase(model, loader, phase, criterion, step_optimizer, device)
@@ -326,6 +374,8 @@ def train(
                         f"no {phase} batch was used: --batchsize {opts.batchsize} is larger than the {phase} set "
                         f"({sizes[phase]} images). Use a smaller --batchsize."
                     )
+                if not math.isfinite(result.loss):
+                    raise diverged(folder, opts, epoch + 1, result.loss)
                 history[f"{phase}_loss"].append(result.loss)
                 history[f"{phase}_err"].append(1.0 - result.accuracy)
                 if phase == "train":
@@ -337,7 +387,7 @@ def train(
                                      val_err=f"{history['val_err'][-1]:.3f}")  # fmt: skip
             done = epoch + 1
             if done % opts.save_every == 0 or done == opts.total_epoch:
-                rng = {"torch": torch.get_rng_state(), "loader": loaders["train"].generator.get_state()}
+                rng = {"torch": torch.get_rng_state()}
                 if device.type == "cuda":
                     rng["cuda"] = torch.cuda.get_rng_state(device)
                 if world_size > 1:  # every process's random state, so a resumed run draws what it would have
@@ -361,6 +411,33 @@ def train(
     if return_model:
         return history, unwrap(model)
     return history
+
+
+def newest_readable_checkpoint(found: list[tuple[Path, int | None]], quiet: bool = False) -> tuple[dict, Path]:
+    """The newest checkpoint that loads; each damaged newer one is named in a notice and passed over."""
+    damaged = [f"{path} cannot be read (empty or cut short)." for path, epoch in found if epoch is None]
+    for path, epoch in found:
+        if epoch is None:  # its epoch is unknown: it may have been the newest, so it was named above
+            continue
+        try:
+            checkpoint = load_checkpoint(path)
+        except DamagedCheckpointError as err:
+            damaged.append(str(err))
+            continue
+        if damaged and not quiet:
+            print(f"Note: {' '.join(damaged)} Resuming from {path.name}, the newest checkpoint that can be read.")
+        return checkpoint, path
+    raise TrainError(f"no checkpoint of this run can be read: {' '.join(damaged)} Start the run again.")
+
+
+def diverged(folder: Path, opts: TrainOptions, epoch: int, loss: float) -> TrainError:
+    """The error for a loss that became NaN or infinite: no checkpoint of the broken weights is written."""
+    newest = latest_checkpoint(folder)
+    where = f"the last good checkpoint is {newest.name}" if newest else "no checkpoint was written yet"
+    return TrainError(
+        f"the training loss became {loss} in epoch {epoch}: the run diverged and was stopped; {where}. "
+        f"Train again with a smaller --lr (now {opts.lr}) or with --warm_epoch."
+    )
 
 
 def trained_run(prepared: str | Path, model_dir: str | Path, profile: str = "cpu-demo") -> Path:
@@ -422,23 +499,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def named_on_the_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The destinations of the options the user typed (argparse fills in defaults only for missing names)."""
+    unset = object()
+    dests = vars(parser.parse_args(argv))
+    probe = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(dests, unset)))
+    return {dest for dest, value in vars(probe).items() if value is not unset}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    given = {f.name: getattr(args, f.name) for f in fields(TrainOptions) if getattr(args, f.name, None) is not None}
-    opts = TrainOptions(**given, pretrained=not args.no_pretrained)
-    if args.total_epoch is None and args.resume and (run_dir(opts) / "opts.yaml").is_file():
-        opts.total_epoch = load_options(run_dir(opts)).total_epoch
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = named_on_the_command_line(parser, argv)
+    given = {"pretrained" if dest == "no_pretrained" else dest for dest in given}
+    values = {f.name: getattr(args, f.name) for f in fields(TrainOptions) if getattr(args, f.name, None) is not None}
+    opts = TrainOptions(**values, pretrained=not args.no_pretrained)
     if not Path(opts.data_dir).is_dir():
         print(f"train: error: --data_dir {opts.data_dir} does not exist.", file=sys.stderr)
         return 2
     try:
-        history = train(opts, resume=args.resume, overwrite=args.overwrite)
+        history = train(opts, resume=args.resume, overwrite=args.overwrite, given=given)
         rank = distributed.rank()
         distributed.shutdown()
         if rank != 0:
             return 0  # rank 0 reports for everyone
     except (TrainError, FileNotFoundError, ValueError) as err:
-        print(f"train: error: {err}", file=sys.stderr)
+        hint = " Or pass --skip_corrupt to leave unreadable images out." if isinstance(err, CorruptImageError) else ""
+        print(f"train: error: {error_line(err)}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         newest = latest_checkpoint(run_dir(opts)) if run_dir(opts).is_dir() else None

@@ -58,7 +58,7 @@ def test_find_dataset_rejects_a_wrong_folder(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="not a Market-1501 folder"):
         find_dataset(tmp_path)
     monkeypatch.setenv("MARKET1501_DIR", str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match="MARKET1501_DIR"):
+    with pytest.raises(FileNotFoundError, match=f"MARKET1501_DIR={tmp_path / 'nowhere'} is not"):
         find_dataset(data_root=tmp_path)
 
 
@@ -112,9 +112,11 @@ def test_sharded_dataloaders_split_each_epoch_between_processes(tiny_prepared):
     n = len(shards[0].dataset)
     indices = []
     for loader in shards:
-        assert isinstance(loader.sampler, torch.utils.data.DistributedSampler)
+        assert isinstance(loader.sampler.sampler, torch.utils.data.DistributedSampler)
         loader.sampler.set_epoch(3)
-        indices.append(list(loader.sampler))
+        keys = list(loader.sampler)  # (index, epoch): each image's augmentation is seeded by what it is
+        assert {epoch for _, epoch in keys} == {3}
+        indices.append([index for index, _ in keys])
         labels = torch.cat([labels for _, labels in loader])
         assert labels.tolist() == [loader.dataset.targets[i] for i in indices[-1]]  # the loader follows its shard
     assert len(indices[0]) == len(indices[1]) == -(-n // 2)
@@ -122,4 +124,4 @@ def test_sharded_dataloaders_split_each_epoch_between_processes(tiny_prepared):
     pk = build_dataloaders(
         tiny_prepared, batch_size=4, height=32, width=16, instances=2, shard=(1, 2), backend=ClassicData(0)
     )
-    assert pk[0]["train"].sampler.rank == 1 and pk[0]["train"].sampler.world == 2
+    assert pk[0]["train"].sampler.sampler.rank == 1 and pk[0]["train"].sampler.sampler.world == 2

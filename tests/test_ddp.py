@@ -59,7 +59,7 @@ def test_two_gloo_processes_stay_identical_and_resume_exactly(tiny_prepared, tmp
         assert torch.equal(value, ranks[0]["model"][key]), key
     first = torch.load(run / "net_001.pth", weights_only=False)
     processes = first["rng"]["processes"]  # every process's random state, not only rank 0's
-    assert len(processes) == 2 and not torch.equal(processes[0]["loader"], processes[1]["loader"])
+    assert len(processes) == 2 and not torch.equal(processes[0]["torch"], processes[1]["torch"])
 
     # Resume from epoch 1 in a copy of the run: both processes continue with their own random numbers,
     # so the run ends with exactly the weights of the uninterrupted one.

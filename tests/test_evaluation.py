@@ -144,6 +144,11 @@ def test_checkpoint_of_another_class_count_is_a_train_error(trained_run, tmp_pat
     assert opts["num_classes"] == 8
     opts["num_classes"] = 5
     (run / "opts.yaml").write_text(yaml.safe_dump(opts))
+    with pytest.raises(TrainError, match="mixes two runs"):  # the checkpoint's own options say so
+        load_trained_model(run)
+    checkpoint = torch.load(run / "net_last.pth", weights_only=False)
+    del checkpoint["options"]  # a checkpoint that does not say: its weights do not fit
+    torch.save(checkpoint, run / "net_last.pth")
     with pytest.raises(TrainError, match="does not fit"):
         load_trained_model(run)
 

@@ -22,7 +22,7 @@ from reid_utils.fastdata import (
     build_tensor_transforms,
     decode_image,
 )
-from reid_utils.samplers import PKSampler
+from reid_utils.samplers import EpochShuffle, PKSampler
 
 H, W = 64, 32
 
@@ -246,14 +246,32 @@ def test_loader_follows_a_pk_sampler(train_set):
 
 
 def test_restoring_the_generator_replays_the_next_batch(train_set):
-    loaders, _, _ = build_cached_loaders(train_set.root.parent, 8, height=H, width=W, erasing_p=0.5, color_jitter=True)
-    loader = loaders["train"]
+    augment = TensorAugment(pad=2, flip=True, color_jitter=0.1, erasing_p=0.5)
+    loader = CachedLoader(train_set, 8, augment, shuffle=True, generator=torch.Generator().manual_seed(1))
     list(loader)  # an epoch has gone by
     state = loader.generator.get_state()
     images, labels = next(iter(loader))
     loader.generator.set_state(state)
     again_images, again_labels = next(iter(loader))
     assert torch.equal(labels, again_labels) and torch.equal(images, again_images)
+
+
+def test_an_epochs_batches_follow_from_the_seed_and_the_epoch_alone(train_set):
+    """What makes a resumed run exact without saving the loader: epoch 3 is epoch 3, whatever came before."""
+
+    def epoch(loader, number):
+        loader.sampler.set_epoch(number)
+        return [batch for batch in loader]
+
+    def fresh():
+        return build_cached_loaders(train_set.root.parent, 8, height=H, width=W, erasing_p=0.5, color_jitter=True)[0]
+
+    ran_on = fresh()["train"]
+    for number in range(3):
+        epoch(ran_on, number)
+    third, again = epoch(ran_on, 3), epoch(fresh()["train"], 3)  # a resumed run starts straight at epoch 3
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(third, again, strict=True))
+    assert not torch.equal(third[0][0], epoch(ran_on, 4)[0][0])  # and the next epoch differs
 
 
 # --------------------------------------------------------------------------- the device (GPU) path
@@ -330,10 +348,11 @@ def test_sharded_loaders_split_each_epoch_and_augment_differently(prepared):
         # DistributedSampler: the two halves of one shuffled order (at most one image repeated to even them out)
         assert len(indices[0]) == len(indices[1]) == math.ceil(n / 2)
         assert set(indices[0]) | set(indices[1]) == set(range(n)) and len(set(indices[0]) & set(indices[1])) <= n % 2
-    assert not torch.equal(shards[0].generator.get_state(), shards[1].generator.get_state())
+    assert shards[0].seed != shards[1].seed  # each process augments with its own random numbers
+    images = [next(iter(loader))[0] for loader in shards]
+    assert not torch.equal(images[0], images[1])
     single = build_cached_loaders(prepared, 4, height=H, width=W)[0]["train"]
-    assert single.sampler is None  # one process: shuffled by the generator, seeded as before
-    assert torch.equal(single.generator.get_state(), torch.Generator().manual_seed(0).get_state())
+    assert isinstance(single.sampler, EpochShuffle) and single.seed == 0  # one process: all images, reshuffled
     pk = [build_cached_loaders(prepared, 4, height=H, width=W, instances=2, shard=(r, 2))[0]["train"] for r in (0, 1)]
     assert [s.sampler.rank for s in pk] == [0, 1] and len(pk[0]) == len(pk[1]) > 0
 

@@ -112,3 +112,27 @@ def test_cli_prints_counts(tiny_market, tmp_path, capsys):
     assert main(["--src", str(tiny_market), "--dst", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "train_all" in out and "gallery" in out
+
+
+def test_says_how_it_placed_the_files_in_plain_words(tiny_market, tmp_path, capsys):
+    from reid_utils.prepare import prepare_market
+
+    prepare_market(tiny_market, tmp_path / "copied", link="copy")
+    prepare_market(tiny_market, tmp_path / "linked", link="symlink")
+    out = capsys.readouterr().out
+    assert "(copies)." in out and "(symbolic links)." in out and "copys" not in out
+
+
+def test_an_empty_image_is_refused_and_named(tiny_market, tmp_path, capsys):
+    import shutil
+
+    from reid_utils.prepare import main
+
+    source = tmp_path / "Market"
+    shutil.copytree(tiny_market, source)
+    victim = sorted((source / "query").glob("*.jpg"))[2]
+    victim.write_bytes(b"")  # an unzip that stopped early
+    assert main(["--src", str(source), "--dst", str(tmp_path / "prepared")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prepare: error:") and victim.name in err and "0 bytes" in err
+    assert not (tmp_path / "prepared").exists()

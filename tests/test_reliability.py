@@ -81,6 +81,20 @@ def test_truncated_jpeg_is_named_and_can_be_skipped(prepared_copy, tmp_path, cap
     assert victim.name in err and "--skip_corrupt" in err
     assert train_cli.main([*args, "--skip_corrupt", "--overwrite"]) == 0
     assert f"Skipped 1 unreadable image(s) in {prepared_copy / 'train'}: {victim.name}" in capsys.readouterr().out
+    # with DataLoader workers (any machine with more than 2 cores) the error comes from a worker process:
+    # still one line naming the file, not the worker's traceback
+    assert train_cli.main([*args, "--num_workers", "2", "--name", "workers"]) == 2
+    err = error_line(capsys, "train")
+    assert victim.name in err and "--skip_corrupt" in err and "worker" not in err
+    # at test time (no --skip_corrupt there) the message names the file and what to do, and no missing option
+    some_query = sorted((prepared_copy / "query").rglob("*.jpg"))[0]
+    shutil.copy(victim, some_query.with_name("0001_c1s1_000001_01.jpg"))
+    assert train_cli.main([*args, "--skip_corrupt", "--name", "fine"]) == 0
+    capsys.readouterr()
+    test_argv = ["--name", "fine", "--data_dir", str(prepared_copy), "--model_dir", str(tmp_path), "--gpu_ids", ""]
+    assert test_cli.main(test_argv) == 2
+    err = error_line(capsys, "test")
+    assert "0001_c1s1_000001_01.jpg cannot be read" in err and "--skip_corrupt" not in err
 
 
 def test_unparsable_names_at_test_time(prepared_copy, tmp_path, capsys):
@@ -124,7 +138,13 @@ def test_checkpoint_from_another_backbone_or_class_count(prepared_copy, tmp_path
     opts[field] = value
     opts_path.write_text(yaml.safe_dump(opts))
     capsys.readouterr()
-    assert test_cli.main(["--name", "run", "--data_dir", str(prepared_copy), "--model_dir", str(tmp_path)]) == 2
+    argv = ["--name", "run", "--data_dir", str(prepared_copy), "--model_dir", str(tmp_path)]
+    assert test_cli.main(argv) == 2
+    assert "mixes two runs" in error_line(capsys, "test")  # the checkpoint's own options tell
+    checkpoint = torch.load(tmp_path / "run" / "net_last.pth", weights_only=False)
+    del checkpoint["options"]  # a checkpoint that does not say which run it is from: its weights do not fit
+    torch.save(checkpoint, tmp_path / "run" / "net_last.pth")
+    assert test_cli.main(argv) == 2
     assert "does not fit the model described by opts.yaml" in error_line(capsys, "test")
 
 

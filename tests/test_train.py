@@ -195,7 +195,7 @@ def test_overwrite_clears_everything_an_earlier_run_left(tiny_prepared, tmp_path
     train(tiny_options(tiny_prepared, tmp_path, total_epoch=2, save_every=1), quiet=True)
     (tmp_path / "tiny" / "features.pt").write_bytes(b"old features")  # as python -m reid_utils.test leaves them
     train(tiny_options(tiny_prepared, tmp_path, total_epoch=1, save_every=1), overwrite=True, quiet=True)
-    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir() if p.name != ".lock") == [
         "net_001.pth",
         "net_last.pth",
         "opts.yaml",
@@ -223,3 +223,88 @@ def test_fast_data_on_the_cpu_reuses_freed_memory(tiny_prepared, tmp_path, monke
     assert calls == []  # the classic path leaves the allocator alone
     train(tiny_options(tiny_prepared, tmp_path / "fast", total_epoch=1, save_every=1, fast_data=True), quiet=True)
     assert calls == [1]
+
+
+def test_resume_is_exact_with_dataloader_workers_and_workers_change_nothing(tiny_prepared, tmp_path):
+    """What a 4- or 8-core laptop does: worker processes load and augment the images.
+
+    Each image's random crop, flip and erasing are seeded by (seed, epoch, image), not by the worker that
+    loads it, and starting the workers draws nothing from the generator dropout uses: so the run with two
+    workers is the run without any, and resuming it with workers from the epoch-2 checkpoint ends with
+    exactly the same weights.
+    """
+    changes = dict(total_epoch=4, save_every=2, erasing_p=0.5, color_jitter=True)
+    train(tiny_options(tiny_prepared, tmp_path / "workers", num_workers=2, **changes), quiet=True)
+    train(tiny_options(tiny_prepared, tmp_path / "none", num_workers=0, **changes), quiet=True)
+    with_workers = torch.load(tmp_path / "workers" / "tiny" / "net_last.pth", weights_only=False)
+    without = torch.load(tmp_path / "none" / "tiny" / "net_last.pth", weights_only=False)
+    assert with_workers["history"]["train_loss"] == without["history"]["train_loss"]
+    for key, value in without["model"].items():
+        assert torch.equal(with_workers["model"][key], value), key
+
+    for later in ("net_004.pth", "net_last.pth"):  # the run died after epoch 2
+        (tmp_path / "workers" / "tiny" / later).unlink()
+    train(tiny_options(tiny_prepared, tmp_path / "workers", num_workers=2, **changes), resume=True, quiet=True)
+    resumed = torch.load(tmp_path / "workers" / "tiny" / "net_last.pth", weights_only=False)
+    assert resumed["history"]["train_loss"] == with_workers["history"]["train_loss"]
+    for key, value in with_workers["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+
+
+def test_a_compiled_run_saves_the_plain_networks_weights_and_can_be_evaluated_and_resumed(
+    tiny_prepared, tmp_path, monkeypatch
+):
+    from reid_utils.test import load_trained_model
+
+    real_compile = torch.compile
+    compiled = []
+
+    def compile_quickly(model, **kwargs):  # the same wrapper (and its "_orig_mod." keys), no minutes of inductor
+        compiled.append(model)
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_quickly)
+    opts = tiny_options(tiny_prepared, tmp_path, total_epoch=2, save_every=1, compile=True)
+    train(opts, quiet=True)
+    assert compiled  # the run did compile its model
+    saved = torch.load(tmp_path / "tiny" / "net_001.pth", weights_only=False)["model"]
+    assert not [key for key in saved if "_orig_mod" in key]
+    model, _ = load_trained_model(tmp_path / "tiny")  # evaluation rebuilds the plain network: it fits
+    assert torch.equal(model.state_dict()["head.classifier.weight"], torch.load(
+        tmp_path / "tiny" / "net_last.pth", weights_only=False)["model"]["head.classifier.weight"])  # fmt: skip
+    (tmp_path / "tiny" / "net_002.pth").unlink()
+    (tmp_path / "tiny" / "net_last.pth").unlink()
+    history = train(tiny_options(tiny_prepared, tmp_path, total_epoch=2, save_every=1, compile=True), resume=True,
+                    quiet=True)  # fmt: skip
+    assert len(history["train_loss"]) == 2
+
+
+def test_pk_batches_must_not_split_an_identity(tiny_prepared, tmp_path):
+    with pytest.raises(TrainError, match="not a multiple of --instances 4"):
+        train(tiny_options(tiny_prepared, tmp_path, batchsize=10, triplet_weight=1.0, instances=4), quiet=True)
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_warm_up_lasts_warm_epoch_epochs_of_this_process_steps(tiny_prepared, tmp_path):
+    train(tiny_options(tiny_prepared, tmp_path, total_epoch=1, save_every=1, warm_epoch=1), quiet=True)
+    factor = torch.load(tmp_path / "tiny" / "net_001.pth", weights_only=False)["state"]["warm_up"]
+    assert factor == pytest.approx(1.0, abs=1e-9)  # 0.1 -> 1 over the steps of one epoch, not more
+
+
+def test_fast_data_names_an_unreadable_image_and_honours_skip_corrupt(tiny_prepared, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "prepared"
+    shutil.copytree(tiny_prepared, data)
+    victim = sorted((data / "train").rglob("*.jpg"))[2]
+    content = victim.read_bytes()
+    victim.unlink()  # a hard link: write a new file instead of cutting the shared one
+    victim.write_bytes(content[:200])
+    args = ["--data_dir", str(data), "--model_dir", str(tmp_path / "model"), "--backbone", "resnet18", "--height",
+            "32", "--width", "16", "--batchsize", "8", "--no_pretrained", "--gpu_ids", "", "--total_epoch", "1",
+            "--fast_data"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("train: error:") and victim.name in err and "--skip_corrupt" in err
+    assert main([*args, "--skip_corrupt", "--num_workers", "2"]) == 0
+    assert f"Skipped 1 unreadable image(s) in {data / 'train'}: {victim.name}" in capsys.readouterr().out
