@@ -49,13 +49,21 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def choose_precision(device: torch.device, fp16: bool = False, bf16: bool = False) -> tuple[torch.dtype | None, str]:
+# torch 2.14's oneDNN bfloat16 convolutions compute garbage weight gradients (up to 1e32) for ResNet's stride-2
+# convolution in layer4 when its input map is 2x1, i.e. for 32x16 images; 48x24 and larger train normally
+# (checked on an AVX-512 BF16 CPU with plain torchvision models: 6 of 6 runs broke at 32x16, 0 of 6 at 48x24).
+CPU_BF16_MIN_SIZE = (48, 24)
+
+
+def choose_precision(
+    device: torch.device, fp16: bool = False, bf16: bool = False, image_size: tuple[int, int] | None = None
+) -> tuple[torch.dtype | None, str]:
     """The autocast type for this device (``None``: plain float32) and a notice when a request falls back.
 
     CUDA: bfloat16 with ``--bf16`` (float16 with loss scaling on GPUs without it), float16 with ``--fp16``.
     CPU: bfloat16 with ``--bf16`` on a CPU with native bfloat16, where it pays for large models (ResNet-50
-    at 256x128 trained ~3x faster on our 2-core test machine; the small demo model gains nothing); else
-    float32, and float32 for ``--fp16`` (float16 is a GPU format).
+    at 256x128 trained ~3x faster on our 2-core test machine; the small demo model gains nothing), for
+    inputs of at least ``CPU_BF16_MIN_SIZE``; else float32, and float32 for ``--fp16`` (a GPU format).
     """
     if device.type == "cuda":
         if bf16 and not torch.cuda.is_bf16_supported():
@@ -64,9 +72,15 @@ def choose_precision(device: torch.device, fp16: bool = False, bf16: bool = Fals
             return torch.bfloat16, ""
         return (torch.float16 if fp16 else None), ""
     if bf16:
-        if cpu_has_bf16():
-            return torch.bfloat16, ""
-        return None, "This CPU has no native bfloat16 (AVX-512 BF16 or AMX): training in float32 instead."
+        if not cpu_has_bf16():
+            return None, "This CPU has no native bfloat16 (AVX-512 BF16 or AMX): training in float32 instead."
+        if image_size is not None and (image_size[0] < CPU_BF16_MIN_SIZE[0] or image_size[1] < CPU_BF16_MIN_SIZE[1]):
+            low_h, low_w = CPU_BF16_MIN_SIZE
+            return None, (
+                f"bfloat16 on the CPU gives wrong gradients for images smaller than {low_h}x{low_w} (a bug of "
+                f"torch's oneDNN kernels): training in float32 instead."
+            )
+        return torch.bfloat16, ""
     if fp16:
         return None, "float16 mixed precision is for GPUs: training in float32 on the CPU instead."
     return None, ""

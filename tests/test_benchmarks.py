@@ -29,3 +29,11 @@ def test_bench_train_prints_every_path_and_the_summary(tmp_path, monkeypatch, ca
         assert match and float(match.group(1)) > 0, path
     assert "features differ by at most 0.0e+00" in out  # same model, same pixels: the same features
     assert re.search(r"demo: data path .* 60 epochs of Market-1501's 12,936 training images would take \d+ min", out)
+
+
+def test_gpu_check_runs_its_steps_in_the_smoke_setting(tmp_path, monkeypatch, capsys):
+    out = run_script("gpu_check.py", ["--smoke", "--epochs", "2", "--work_dir", str(tmp_path)], monkeypatch, capsys)
+    assert re.search(r"train: \d+ images per epoch, first epoch [\d.]+ s \(cache included\), then \d+ img/s", out)
+    assert re.search(r"extract: \d+ images \(flip-averaged\) at \d+ img/s", out)
+    assert "evaluate:" in out and "mAP" in out
+    assert "resume of a killed run: exact" in out  # on a CPU the resumed run is the uninterrupted one

@@ -30,6 +30,9 @@ def test_precision_choices_and_their_notices(monkeypatch):
     monkeypatch.setattr(speed_module, "cpu_has_bf16", lambda: True)
     assert choose_precision(cpu) == (None, "")  # the CPU autocasts only when asked to
     assert choose_precision(cpu, bf16=True) == (torch.bfloat16, "")
+    assert choose_precision(cpu, bf16=True, image_size=(64, 32)) == (torch.bfloat16, "")
+    dtype, notice = choose_precision(cpu, bf16=True, image_size=(32, 16))  # oneDNN's wrong gradients there
+    assert dtype is None and "48x24" in notice and "float32" in notice
     # CUDA: only the device's answer is mocked, nothing runs on a GPU
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     dtype, notice = choose_precision(cuda, bf16=True)
