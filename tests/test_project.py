@@ -17,15 +17,19 @@ def _normalise(requirement: str) -> str:
     return requirement.replace(" ", "").lower()
 
 
-def test_environment_yml_installs_what_pyproject_declares():
+@pytest.mark.parametrize("name", ["environment.yml", "environment-cpu.yml"])
+def test_environment_yml_installs_what_pyproject_declares(name):
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = {_normalise(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]}
-    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    env = yaml.safe_load((ROOT / name).read_text())
     assert "python=3.11" in env["dependencies"]
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert "-e ." in pip_section
-    listed = {_normalise(r) for r in pip_section if r != "-e ."}
-    assert listed == declared, f"only in environment.yml: {listed - declared}; only in pyproject: {declared - listed}"
+    options = [r for r in pip_section if r.startswith("--")]
+    listed = {_normalise(r) for r in pip_section if r != "-e ." and r not in options}
+    assert listed == declared, f"only in {name}: {listed - declared}; only in pyproject: {declared - listed}"
+    cpu_index = ["--extra-index-url https://download.pytorch.org/whl/cpu"]
+    assert [option.split("#")[0].strip() for option in options] == (cpu_index if "cpu" in name else [])
 
 
 def test_ruff_is_clean():
