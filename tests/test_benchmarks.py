@@ -29,3 +29,9 @@ def test_bench_train_prints_every_path_and_the_summary(tmp_path, monkeypatch, ca
         assert match and float(match.group(1)) > 0, path
     assert "features differ by at most 0.0e+00" in out  # same model, same pixels: the same features
     assert re.search(r"demo: data path .* 60 epochs of Market-1501's 12,936 training images would take \d+ min", out)
+
+
+def test_bench_evaluate_prints_the_ratio_and_checks_identity(monkeypatch, capsys):
+    out = run_script("bench_evaluate.py", ["--shrink", "40", "--repeats", "1"], monkeypatch, capsys)
+    assert out.count(": True") == 2 and "False" not in out  # bit-identical to the loop, both AP conventions
+    assert re.search(r"idle \(median of 1\): evaluate [\d.]+ s, per-query loop [\d.]+ s .*: [\d.]+x", out)
