@@ -104,18 +104,18 @@ def make_market_like(
     per_pair = 1 + rng.multinomial(num_identity_images - len(pairs), np.full(len(pairs), 1 / len(pairs)))
     id_pids, id_cams = np.repeat(query_pids, per_pair), np.repeat(query_cams, per_pair)
 
-    centres = rng.standard_normal((num_ids + 1, dim)).astype(np.float32) / np.sqrt(dim)
-    cam_shift = 0.5 * rng.standard_normal((num_cams + 1, dim)).astype(np.float32) / np.sqrt(dim)
+    centres = rng.standard_normal((num_ids + 1, dim)).astype(np.float32) / np.float32(np.sqrt(dim))
+    cam_shift = 0.5 * rng.standard_normal((num_cams + 1, dim)).astype(np.float32) / np.float32(np.sqrt(dim))
 
     def images(centre_vectors: np.ndarray, cams: np.ndarray) -> np.ndarray:
         """Centre + camera shift + noise of a per-image strength, L2-normalised."""
         strength = rng.lognormal(mean=np.log(noise), sigma=spread, size=(len(cams), 1)).astype(np.float32)
-        jitter = rng.standard_normal((len(cams), dim)).astype(np.float32) / np.sqrt(dim)
+        jitter = rng.standard_normal((len(cams), dim)).astype(np.float32) / np.float32(np.sqrt(dim))
         x = centre_vectors + cam_shift[cams] + strength * jitter
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
     distractor_cams = rng.integers(1, num_cams + 1, size=num_distractors)
-    distractor_centres = rng.standard_normal((num_distractors, dim)).astype(np.float32) / np.sqrt(dim)
+    distractor_centres = rng.standard_normal((num_distractors, dim)).astype(np.float32) / np.float32(np.sqrt(dim))
     junk_cams = rng.integers(1, num_cams + 1, size=num_junk)
     junk_source = rng.integers(1, num_ids + 1, size=num_junk)  # partial boxes still look like somebody
     gallery_features = np.concatenate(
@@ -196,7 +196,7 @@ def run_market(args: argparse.Namespace) -> int:
     distractors, junk = (data.gallery_pids == 0).sum(), (data.gallery_pids == -1).sum()
     naive_queries = min(args.naive_queries, num_query)
     print(
-        f"data: {num_query:,} queries x {len(data.gallery_pids):,} gallery, {dim}-d float32 "
+        f"data: {num_query:,} queries x {len(data.gallery_pids):,} gallery, {dim}-d {data.query_features.dtype} "
         f"({distractors:,} distractors, {junk:,} junk), made in {seconds:.1f} s"
     )
     print(
@@ -285,7 +285,7 @@ def run_msmt(args: argparse.Namespace) -> int:
     flop = 2 * qf.shape[0] * gf.shape[0] * qf.shape[1]
     rows = max(1, min(len(qf), PAIRS_PER_CHUNK // len(gf)))
     print(
-        f"data: {len(qf):,} queries x {len(gf):,} gallery, {qf.shape[1]}-d float32 "
+        f"data: {len(qf):,} queries x {len(gf):,} gallery, {qf.shape[1]}-d {qf.dtype} "
         f"({(qf.nbytes + gf.nbytes) / 2**20:.0f} MiB of features), made in {seconds:.1f} s; "
         f"the product is {flop / 1e12:.2f} TFLOP, done {rows:,} queries at a time"
     )

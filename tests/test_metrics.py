@@ -496,3 +496,12 @@ def test_distances_rank_exactly(dtype):
         else:
             reference = evaluate_naive(*data)
         assert_identical(evaluate_from_distance((-scores).astype(dtype), qp, qc, gp, gc), reference)
+
+
+def test_distance_magnitudes_do_not_matter():
+    """Scaling distances by a power of two changes no comparison; far-out ones are rescaled before float32."""
+    qf, qp, qc, gf, gp, gc = near_ties(2, np.float64, 1e-12)
+    dist = -(qf @ gf.T)
+    reference = evaluate_from_distance(dist, qp, qc, gp, gc)
+    for exponent in (-900, -100, 100, 900):
+        assert_identical(evaluate_from_distance(np.ldexp(dist, exponent), qp, qc, gp, gc), reference)
