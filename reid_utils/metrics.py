@@ -240,23 +240,15 @@ def _shift_exponents(max_abs: np.ndarray) -> np.ndarray:
     return np.where((max_abs > 0) & (np.abs(exponent) > 20), -exponent, 0)
 
 
-def _norm_bounds(array: np.ndarray, shift: np.ndarray | int, index: np.ndarray | None = None) -> np.ndarray:
-    """Upper bounds on the L2 norms of the rows ``array[index] * 2**shift``, a few thousand rows at a time.
+def _norm_bounds(rows: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Upper bounds on the L2 norms of the float64 rows ``rows * 2**shift`` (one shift per row).
 
-    Squares that underflow in float64 lose at most 2**-1074 each; adding that back keeps it a bound.
-    The few ulps of rounding left are covered by the 1 % margin of the tolerances that use it.
+    Squares that underflow lose at most 2**-1074 each; adding that back keeps it a bound. The few ulps of
+    rounding left are covered by the 1 % margin of the tolerances that use it.
     """
-    count = len(array) if index is None else len(index)
-    sums = np.empty(count)
-    shift = np.asarray(shift)
-    step = 8192
-    for start in range(0, count, step):
-        part = slice(start, start + step)
-        rows = (array[part] if index is None else array[index[part]]).astype(np.float64)
-        if shift.any():
-            rows = np.ldexp(rows, shift[part, None] if shift.ndim else shift)
-        sums[part] = np.einsum("ij,ij->i", rows, rows)
-    return np.sqrt(sums + array.shape[1] * 2.0**-1073)
+    if shift.any():
+        rows = np.ldexp(rows, shift[:, None])
+    return np.sqrt(np.einsum("ij,ij->i", rows, rows) + rows.shape[1] * 2.0**-1073)
 
 
 def _float32_norm_bound(rows: np.ndarray) -> float:
@@ -359,7 +351,7 @@ class _DistanceKeys:
         step = max(1, _PAIRS_PER_PASS // max(len(self.kept), 1))
         for first in range(0, stop - start, step):
             part = slice(first, first + step)
-            values = rows[part][:, self.kept].astype(np.float64)
+            values = rows[part][:, self.kept].astype(np.float64, copy=False)
             max_abs = np.abs(values).max(axis=1, initial=0)
             shift = _shift_exponents(max_abs)
             if shift.any():
