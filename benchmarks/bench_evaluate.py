@@ -153,6 +153,38 @@ def timed(fn: Callable, *args, **kwargs) -> tuple[object, float]:
     return result, time.perf_counter() - start
 
 
+def machine_cpu_seconds() -> float | None:
+    """CPU time the whole machine has spent busy since boot (all processes, all cores), from /proc/stat."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Measured:
+    """One timed call: wall time, CPU time of this process (all its threads), cores other processes kept busy."""
+
+    wall: float
+    cpu: float
+    other_cores: float | None
+
+
+def measure(fn: Callable, *args, neighbour_cpu: Callable[[], float] = lambda: 0.0) -> tuple[object, Measured]:
+    """Time one call. OpenBLAS threads spin for ~0.1 s after a product before they sleep: wait that out first,
+    so neither the wall time nor the CPU time of this call includes what the previous one left behind."""
+    time.sleep(0.2)
+    machine, own, neighbour, start = machine_cpu_seconds(), time.process_time(), neighbour_cpu(), time.perf_counter()
+    result = fn(*args)
+    wall, cpu = time.perf_counter() - start, time.process_time() - own
+    after = machine_cpu_seconds()
+    others = None if machine is None or after is None else after - machine - cpu - (neighbour_cpu() - neighbour)
+    return result, Measured(wall, cpu, None if others is None else max(0.0, others) / wall)
+
+
 def identical(a: Evaluation, b: Evaluation) -> bool:
     """Bit for bit: the same queries evaluated, the same CMC curve, the same AP of every query."""
     return (
@@ -165,11 +197,20 @@ def identical(a: Evaluation, b: Evaluation) -> bool:
 
 @contextmanager
 def busy_neighbour():
-    """A second process keeping one core busy for the duration of the block."""
+    """A second process keeping one core busy for the duration of the block; yields a reader of its CPU time."""
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+    def cpu_seconds() -> float:
+        try:
+            with open(f"/proc/{spinner.pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        except OSError:
+            return 0.0
+
     try:
         time.sleep(0.3)  # let it get scheduled
-        yield
+        yield cpu_seconds
     finally:
         spinner.kill()
         spinner.wait()
@@ -204,26 +245,35 @@ def run_market(args: argparse.Namespace) -> int:
     )
     ok = check_identical(data, naive_queries)
 
+    print(
+        "per round: wall time, CPU time of this process (all threads), and the cores other processes kept busy "
+        "meanwhile (the spinner of a busy round not counted): above ~0.1 the machine was not quiet"
+    )
     conditions = ["idle", "busy"] if args.busy else ["idle"]
-    fast: dict[str, list[float]] = {c: [] for c in conditions}
-    naive: dict[str, list[float]] = {c: [] for c in conditions}
+    scale = num_query / naive_queries
+    fast: dict[str, list[Measured]] = {c: [] for c in conditions}
+    naive: dict[str, list[Measured]] = {c: [] for c in conditions}
     for round_number in range(1, args.repeats + 1):
         for condition in conditions:
-            with busy_neighbour() if condition == "busy" else _nothing():
-                result, fast_seconds = timed(evaluate, *data.inputs())
-                _, naive_seconds = timed(evaluate_naive, *data.inputs(naive_queries))
-            naive_seconds *= num_query / naive_queries
-            fast[condition].append(fast_seconds)
-            naive[condition].append(naive_seconds)
+            with busy_neighbour() if condition == "busy" else _nothing() as spinner_cpu:
+                neighbour = {"neighbour_cpu": spinner_cpu} if spinner_cpu else {}
+                result, f = measure(evaluate, *data.inputs(), **neighbour)
+                _, n = measure(evaluate_naive, *data.inputs(naive_queries), **neighbour)
+            n = Measured(n.wall * scale, n.cpu * scale, n.other_cores)
+            fast[condition].append(f)
+            naive[condition].append(n)
+            others = "" if f.other_cores is None else f"   others {f.other_cores:.1f} / {n.other_cores:.1f} cores"
             print(
-                f"round {round_number} {condition:>4}: evaluate {fast_seconds:6.3f} s   "
-                f"loop {naive_seconds:7.2f} s (scaled)   ratio {naive_seconds / fast_seconds:5.1f}x"
+                f"round {round_number} {condition:>4}: evaluate {f.wall:6.3f} s (cpu {f.cpu:5.2f})   "
+                f"loop {n.wall:6.2f} s (cpu {n.cpu:5.2f}, scaled)   ratio {n.wall / f.wall:5.1f}x{others}"
             )
     for condition in conditions:
-        f, n = median(fast[condition]), median(naive[condition])
+        f = median([m.wall for m in fast[condition]])
+        n = median([m.wall for m in naive[condition]])
+        cpu_ratio = median([m.cpu for m in naive[condition]]) / median([m.cpu for m in fast[condition]])
         print(
             f"{condition:>4} (median of {len(fast[condition])}): evaluate {f:.3f} s, per-query loop {n:.2f} s "
-            f"(scaled from {naive_queries:,} queries): {n / f:.1f}x"
+            f"(scaled from {naive_queries:,} queries): {n / f:.1f}x   (CPU seconds: {cpu_ratio:.1f}x)"
         )
     print(f"market AP: {result}")
     print(f"step AP:   {evaluate(*data.inputs(), ap='step')}")
@@ -232,7 +282,7 @@ def run_market(args: argparse.Namespace) -> int:
 
 @contextmanager
 def _nothing():
-    yield
+    yield None
 
 
 def plain_product(query_features: np.ndarray, gallery_features: np.ndarray, rows: int) -> None:
