@@ -36,13 +36,12 @@ APConvention = Literal["market", "step"]
 AP_CONVENTIONS = ("market", "step")
 JUNK_PID = -1  # partial boxes: junk for every query
 
-# chunk_size=None (the default) scores about this many (query, gallery) pairs per float32 matrix product:
-# 128 MB of scores, e.g. 2,108 queries x 15,913 gallery columns (Market-1501) or 408 x 82,161 (MSMT17).
-# Larger products run closer to the machine's peak; an explicit chunk_size sets the number of queries.
+# chunk_size=None (the default): each float32 matrix product covers a sixth of the queries (so that ranking one
+# chunk overlaps the product of the next), but at least 256 queries (each product call packs the whole gallery
+# once: thinner ones waste time on that) and at most PAIRS_PER_CHUNK (query, gallery) pairs, 128 MB of scores:
+# 562 queries x 15,913 kept gallery columns for Market-1501, 408 x 82,161 for MSMT17. Two such buffers take turns.
 PAIRS_PER_CHUNK = 1 << 25
 DEFAULT_CHUNK_SIZE: int | None = None
-# ... but at least this many chunks (so ranking one overlaps the product of the next), unless that makes them thinner
-# than this many queries (each product call packs the whole gallery once: thin ones waste time on that).
 _MIN_CHUNKS = 6
 _MIN_CHUNK_ROWS = 256
 # The ranking work after each product goes through the scores this many pairs at a time (bounds its temporaries).
@@ -652,8 +651,9 @@ def evaluate(
       and ``precision_before = (i - 1) / r`` (1 when ``r = 0``).
     * ``ap="step"`` (torchreid ``eval_market1501``, fast-reid): ``AP = 1/n_good * sum_i i / (r + 1)``.
 
-    The work is done ``chunk_size`` queries at a time (default: as many as make about ``PAIRS_PER_CHUNK``
-    query-gallery pairs, 128 MB of float32 scores), which bounds memory; the result does not depend on it.
+    The work is done ``chunk_size`` queries at a time (default: a sixth of them, at least 256 and at most
+    ``PAIRS_PER_CHUNK`` query-gallery pairs, 128 MB of float32 scores), which bounds memory: two chunks of
+    float32 scores plus a few MB. The result does not depend on it.
     """
     _check_options(ap, max_rank, chunk_size)
     qf, qp, qc, gf, gp, gc = _prepare(
