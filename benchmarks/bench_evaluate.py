@@ -1,27 +1,57 @@
-"""Time ``reid_utils.metrics.evaluate`` against the classic per-query loop at Market-1501 scale.
+"""Time ``reid_utils.metrics.evaluate``: against the per-query loop at Market-1501 size, against the bare
+float32 matrix product at MSMT17 size.
 
-The features are synthetic but shaped like Market-1501's test split (Zheng et al., ICCV 2015): 3,368
-queries of 750 identities (one per identity and camera, at least two cameras per identity), and a
+The features are synthetic but shaped like the real test splits. Market-1501 (Zheng et al., ICCV 2015):
+3,368 queries of 750 identities (one per identity and camera, at least two cameras per identity), and a
 19,732-image gallery of 6 cameras holding 13,120 images of those identities, 2,793 distractors (pid 0)
-and 3,819 junk boxes (pid -1). Each identity has a random centre in 512-d; an image is its centre
+and 3,819 junk boxes (pid -1). MSMT17 (Wei et al., CVPR 2018): 11,659 queries of 3,060 identities and an
+82,161-image gallery of 15 cameras. Each identity has a random centre in 512-d; an image is its centre
 plus a camera shift plus noise of a per-image strength (so some true matches are hard), L2-normalised,
 float32.
 
-Run from the repository root::
+Market mode (default) runs rounds of: ``evaluate`` on all queries, then ``evaluate_naive`` on the first
+``--naive_queries`` queries, its time scaled to all queries (the loop does the same work for every query:
+one pass over the gallery and one sort). With ``--busy`` every round is run twice, on the idle machine and
+with a second process spinning on one core (``python -c "while True: pass"``, started and stopped by this
+script), so the two ratios are measured side by side. Medians over the rounds are reported. Results must
+be identical bit for bit (CMC and AP arrays, both AP conventions) on the loop's queries.
 
-    python benchmarks/bench_evaluate.py               # full size; the naive loop takes a while
-    python benchmarks/bench_evaluate.py --queries 300 # quick look
+MSMT mode (``--size msmt``) alternates ``evaluate`` with the plain float32 product ``qf @ gf.T``, done in
+blocks of the rows ``evaluate`` uses per chunk into one reused buffer (the full product would be 3.8 GB),
+checks ``evaluate`` against the loop on the first ``--naive_queries`` queries, and measures the peak memory
+of one ``evaluate`` call in a fresh process that holds nothing else but the features: peak resident memory
+(``VmHWM``, reset just before the call) above the resident memory before it.
+
+Run from the repository root (take the lock so benchmarks do not overlap)::
+
+    flock /tmp/bench.lock python benchmarks/bench_evaluate.py --busy
+    flock /tmp/bench.lock python benchmarks/bench_evaluate.py --size msmt
+    python benchmarks/bench_evaluate.py --shrink 20          # a quick look at 1/20 of the size
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from reid_utils.metrics import Evaluation, evaluate, evaluate_naive
+from reid_utils.metrics import PAIRS_PER_CHUNK, Evaluation, evaluate, evaluate_naive
+
+MARKET = {"num_ids": 750, "num_queries": 3368, "num_identity_images": 13120, "num_distractors": 2793,
+          "num_junk": 3819, "num_cams": 6}  # fmt: skip
+MSMT = {"num_ids": 3060, "num_queries": 11659, "num_identity_images": 82161, "num_distractors": 0,
+        "num_junk": 0, "num_cams": 15}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -32,6 +62,12 @@ class FakeSplit:
     gallery_features: np.ndarray
     gallery_pids: np.ndarray
     gallery_cams: np.ndarray
+
+    def inputs(self, num_queries: int | None = None) -> tuple:
+        """``evaluate``'s first six arguments, for the first ``num_queries`` queries (all by default)."""
+        keep = slice(None, num_queries)
+        return (self.query_features[keep], self.query_pids[keep], self.query_cams[keep],
+                self.gallery_features, self.gallery_pids, self.gallery_cams)  # fmt: skip
 
 
 def make_market_like(
@@ -46,10 +82,10 @@ def make_market_like(
     noise: float = 2.0,
     spread: float = 0.1,
 ) -> FakeSplit:
-    """Random features with Market-1501's counts and id/camera structure, reproducible from ``seed``."""
+    """Random features with the given counts and Market-1501's id/camera structure, reproducible from ``seed``."""
     rng = np.random.default_rng(seed)
 
-    # Cameras per identity: 2..6, nudged until there is exactly one query per (identity, camera).
+    # Cameras per identity: 2..num_cams, nudged until there is exactly one query per (identity, camera).
     cams_per_id = rng.integers(2, num_cams + 1, size=num_ids)
     while cams_per_id.sum() != num_queries:
         i = rng.integers(num_ids)
@@ -68,18 +104,18 @@ def make_market_like(
     per_pair = 1 + rng.multinomial(num_identity_images - len(pairs), np.full(len(pairs), 1 / len(pairs)))
     id_pids, id_cams = np.repeat(query_pids, per_pair), np.repeat(query_cams, per_pair)
 
-    centres = rng.standard_normal((num_ids + 1, dim)).astype(np.float32) / np.sqrt(dim)
-    cam_shift = 0.5 * rng.standard_normal((num_cams + 1, dim)).astype(np.float32) / np.sqrt(dim)
+    centres = rng.standard_normal((num_ids + 1, dim)).astype(np.float32) / np.float32(np.sqrt(dim))
+    cam_shift = 0.5 * rng.standard_normal((num_cams + 1, dim)).astype(np.float32) / np.float32(np.sqrt(dim))
 
     def images(centre_vectors: np.ndarray, cams: np.ndarray) -> np.ndarray:
         """Centre + camera shift + noise of a per-image strength, L2-normalised."""
         strength = rng.lognormal(mean=np.log(noise), sigma=spread, size=(len(cams), 1)).astype(np.float32)
-        jitter = rng.standard_normal((len(cams), dim)).astype(np.float32) / np.sqrt(dim)
+        jitter = rng.standard_normal((len(cams), dim)).astype(np.float32) / np.float32(np.sqrt(dim))
         x = centre_vectors + cam_shift[cams] + strength * jitter
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
     distractor_cams = rng.integers(1, num_cams + 1, size=num_distractors)
-    distractor_centres = rng.standard_normal((num_distractors, dim)).astype(np.float32) / np.sqrt(dim)
+    distractor_centres = rng.standard_normal((num_distractors, dim)).astype(np.float32) / np.float32(np.sqrt(dim))
     junk_cams = rng.integers(1, num_cams + 1, size=num_junk)
     junk_source = rng.integers(1, num_ids + 1, size=num_junk)  # partial boxes still look like somebody
     gallery_features = np.concatenate(
@@ -96,67 +132,256 @@ def make_market_like(
         query_features=images(centres[query_pids], query_cams),
         query_pids=query_pids,
         query_cams=query_cams,
-        gallery_features=np.ascontiguousarray(gallery_features[shuffle]),
+        gallery_features=gallery_features[shuffle],
         gallery_pids=gallery_pids[shuffle],
         gallery_cams=gallery_cams[shuffle],
     )
 
 
-def timed(fn, *args, **kwargs) -> tuple[Evaluation, float]:
+def shrunk(sizes: dict[str, int], factor: int) -> dict[str, int]:
+    """The same split at 1/factor of the size (at least two cameras' worth of queries per identity)."""
+    out = {key: max(1, value // factor) for key, value in sizes.items()}
+    out["num_cams"] = sizes["num_cams"]
+    out["num_queries"] = max(out["num_queries"], 2 * out["num_ids"])
+    out["num_identity_images"] = max(out["num_identity_images"], out["num_queries"])
+    return out
+
+
+def timed(fn: Callable, *args, **kwargs) -> tuple[object, float]:
     start = time.perf_counter()
     result = fn(*args, **kwargs)
     return result, time.perf_counter() - start
 
 
-def same_result(a: Evaluation, b: Evaluation) -> bool:
+def machine_cpu_seconds() -> float | None:
+    """CPU time the whole machine has spent busy since boot (all processes, all cores), from /proc/stat."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Measured:
+    """One timed call: wall time, CPU time of this process (all its threads), cores other processes kept busy."""
+
+    wall: float
+    cpu: float
+    other_cores: float | None
+
+
+def measure(fn: Callable, *args, neighbour_cpu: Callable[[], float] = lambda: 0.0) -> tuple[object, Measured]:
+    """Time one call. OpenBLAS threads spin for ~0.1 s after a product before they sleep: wait that out first,
+    so neither the wall time nor the CPU time of this call includes what the previous one left behind."""
+    time.sleep(0.2)
+    machine, own, neighbour, start = machine_cpu_seconds(), time.process_time(), neighbour_cpu(), time.perf_counter()
+    result = fn(*args)
+    wall, cpu = time.perf_counter() - start, time.process_time() - own
+    after = machine_cpu_seconds()
+    others = None if machine is None or after is None else after - machine - cpu - (neighbour_cpu() - neighbour)
+    return result, Measured(wall, cpu, None if others is None else max(0.0, others) / wall)
+
+
+def identical(a: Evaluation, b: Evaluation) -> bool:
+    """Bit for bit: the same queries evaluated, the same CMC curve, the same AP of every query."""
     return (
         np.array_equal(a.evaluated_mask, b.evaluated_mask)
-        and np.allclose(a.cmc, b.cmc, rtol=0, atol=1e-6)
-        and np.allclose(a.ap, b.ap, rtol=0, atol=1e-6)
-        and abs(a.mAP - b.mAP) <= 1e-6
+        and np.array_equal(a.cmc, b.cmc)
+        and np.array_equal(a.ap, b.ap)
+        and a.mAP == b.mAP
     )
+
+
+@contextmanager
+def busy_neighbour():
+    """A second process keeping one core busy for the duration of the block; yields a reader of its CPU time."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+    def cpu_seconds() -> float:
+        try:
+            with open(f"/proc/{spinner.pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        except OSError:
+            return 0.0
+
+    try:
+        time.sleep(0.3)  # let it get scheduled
+        yield cpu_seconds
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def check_identical(data: FakeSplit, num_queries: int) -> bool:
+    ok = True
+    for ap in ("market", "step"):
+        inputs = data.inputs(num_queries)
+        same = identical(evaluate(*inputs, ap=ap), evaluate_naive(*inputs, ap=ap))
+        print(f"identical to the loop on the first {num_queries:,} queries, {ap} AP: {same}")
+        ok &= same
+    return ok
+
+
+def run_market(args: argparse.Namespace) -> int:
+    sizes = shrunk(MARKET, args.shrink) if args.shrink > 1 else MARKET
+    data, seconds = timed(make_market_like, seed=args.seed, **sizes)
+    num_query, dim = data.query_features.shape
+    distractors, junk = (data.gallery_pids == 0).sum(), (data.gallery_pids == -1).sum()
+    naive_queries = min(args.naive_queries, num_query)
+    print(
+        f"data: {num_query:,} queries x {len(data.gallery_pids):,} gallery, {dim}-d {data.query_features.dtype} "
+        f"({distractors:,} distractors, {junk:,} junk), made in {seconds:.1f} s"
+    )
+    print(
+        f"the loop runs on the first {naive_queries:,} queries; its time is scaled by {num_query / naive_queries:.2f}"
+    )
+    ok = check_identical(data, naive_queries)
+
+    print(
+        "per round: wall time, CPU time of this process (all threads), and the cores other processes kept busy "
+        "meanwhile (the spinner of a busy round not counted): above ~0.1 the machine was not quiet"
+    )
+    conditions = ["idle", "busy"] if args.busy else ["idle"]
+    scale = num_query / naive_queries
+    fast: dict[str, list[Measured]] = {c: [] for c in conditions}
+    naive: dict[str, list[Measured]] = {c: [] for c in conditions}
+    for round_number in range(1, args.repeats + 1):
+        for condition in conditions:
+            with busy_neighbour() if condition == "busy" else _nothing() as spinner_cpu:
+                neighbour = {"neighbour_cpu": spinner_cpu} if spinner_cpu else {}
+                result, f = measure(evaluate, *data.inputs(), **neighbour)
+                _, n = measure(evaluate_naive, *data.inputs(naive_queries), **neighbour)
+            n = Measured(n.wall * scale, n.cpu * scale, n.other_cores)
+            fast[condition].append(f)
+            naive[condition].append(n)
+            others = "" if f.other_cores is None else f"   others {f.other_cores:.1f} / {n.other_cores:.1f} cores"
+            print(
+                f"round {round_number} {condition:>4}: evaluate {f.wall:6.3f} s (cpu {f.cpu:5.2f})   "
+                f"loop {n.wall:6.2f} s (cpu {n.cpu:5.2f}, scaled)   ratio {n.wall / f.wall:5.1f}x{others}"
+            )
+    for condition in conditions:
+        f = median([m.wall for m in fast[condition]])
+        n = median([m.wall for m in naive[condition]])
+        cpu_ratio = median([m.cpu for m in naive[condition]]) / median([m.cpu for m in fast[condition]])
+        print(
+            f"{condition:>4} (median of {len(fast[condition])}): evaluate {f:.3f} s, per-query loop {n:.2f} s "
+            f"(scaled from {naive_queries:,} queries): {n / f:.1f}x   (CPU seconds: {cpu_ratio:.1f}x)"
+        )
+    print(f"market AP: {result}")
+    print(f"step AP:   {evaluate(*data.inputs(), ap='step')}")
+    return 0 if ok else 1
+
+
+@contextmanager
+def _nothing():
+    yield None
+
+
+def plain_product(query_features: np.ndarray, gallery_features: np.ndarray, rows: int) -> None:
+    """The arithmetic floor: every float32 score, ``rows`` queries at a time, into one reused buffer."""
+    buffer = np.empty((rows, len(gallery_features)), dtype=np.float32)
+    for start in range(0, len(query_features), rows):
+        block = query_features[start : start + rows]
+        np.matmul(block, gallery_features.T, out=buffer[: len(block)])
+
+
+def memory_child(path: str) -> None:
+    """Run in a fresh process: load the features, reset the peak, evaluate once, print the peak above start."""
+    import tracemalloc
+
+    arrays = np.load(path)
+    inputs = [arrays[key] for key in ("qf", "qp", "qc", "gf", "gp", "gc")]
+
+    def status(field: str) -> int:
+        with open("/proc/self/status") as lines:
+            return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field + ":"))
+
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets VmHWM to the current resident size
+    before = status("VmRSS")
+    tracemalloc.start()
+    evaluate(*inputs)
+    traced_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    print(json.dumps({"rss_peak_above": status("VmHWM") - before, "traced_peak": traced_peak,
+                      "features": int(inputs[0].nbytes + inputs[3].nbytes)}))  # fmt: skip
+
+
+def peak_memory(data: FakeSplit) -> dict[str, int]:
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "features.npz")
+        np.savez(path, qf=data.query_features, qp=data.query_pids, qc=data.query_cams,
+                 gf=data.gallery_features, gp=data.gallery_pids, gc=data.gallery_cams)  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                          os.environ.get("PYTHONPATH")]))}  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory_child", path], capture_output=True, text=True, check=True, env=env
+        ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_msmt(args: argparse.Namespace) -> int:
+    sizes = shrunk(MSMT, args.shrink) if args.shrink > 1 else MSMT
+    data, seconds = timed(make_market_like, seed=args.seed, **sizes)
+    qf, gf = data.query_features, data.gallery_features
+    flop = 2 * qf.shape[0] * gf.shape[0] * qf.shape[1]
+    rows = max(1, min(len(qf), PAIRS_PER_CHUNK // len(gf)))
+    print(
+        f"data: {len(qf):,} queries x {len(gf):,} gallery, {qf.shape[1]}-d {qf.dtype} "
+        f"({(qf.nbytes + gf.nbytes) / 2**20:.0f} MiB of features), made in {seconds:.1f} s; "
+        f"the product is {flop / 1e12:.2f} TFLOP, done {rows:,} queries at a time"
+    )
+    ok = check_identical(data, min(args.naive_queries, len(qf)))
+
+    product_times, evaluate_times = [], []
+    for round_number in range(1, args.repeats + 1):
+        _, product_seconds = timed(plain_product, qf, gf, rows)
+        _, evaluate_seconds = timed(evaluate, *data.inputs())
+        product_times.append(product_seconds)
+        evaluate_times.append(evaluate_seconds)
+        print(
+            f"round {round_number}: product {product_seconds:6.2f} s ({flop / product_seconds / 1e9:.0f} GFLOP/s)   "
+            f"evaluate {evaluate_seconds:6.2f} s   ratio {evaluate_seconds / product_seconds:.2f}"
+        )
+    product, full = median(product_times), median(evaluate_times)
+    print(
+        f"median of {args.repeats}: product {product:.2f} s, evaluate {full:.2f} s: "
+        f"evaluate takes {full / product:.2f}x the product"
+    )
+    memory = peak_memory(data)
+    print(
+        f"memory of one evaluate call above the features ({memory['features'] / 2**20:.0f} MiB): "
+        f"peak resident +{memory['rss_peak_above'] / 2**20:.0f} MiB, "
+        f"peak of numpy allocations (tracemalloc) {memory['traced_peak'] / 2**20:.0f} MiB"
+    )
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--queries", type=int, default=None, help="evaluate only the first N queries")
+    parser.add_argument("--size", choices=["market", "msmt"], default="market")
+    parser.add_argument("--busy", action="store_true", help="also time every round beside a busy process")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; medians are reported")
+    parser.add_argument("--naive_queries", type=int, default=None,
+                        help="queries the loop runs on (default 500 for market, 100 for msmt)")  # fmt: skip
+    parser.add_argument("--shrink", type=int, default=1, help="divide every count by this (quick looks, tests)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3, help="runs of the fast version (best is reported)")
+    parser.add_argument("--memory_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-
-    start = time.perf_counter()
-    data = make_market_like(seed=args.seed)
-    keep = slice(None, args.queries)
-    inputs = (
-        data.query_features[keep],
-        data.query_pids[keep],
-        data.query_cams[keep],
-        data.gallery_features,
-        data.gallery_pids,
-        data.gallery_cams,
-    )
-    num_query, dim = inputs[0].shape
-    distractors, junk = (data.gallery_pids == 0).sum(), (data.gallery_pids == -1).sum()
-    print(
-        f"data: {num_query:,} queries x {len(data.gallery_pids):,} gallery, {dim}-d float32 "
-        f"({distractors:,} distractors, {junk:,} junk), made in {time.perf_counter() - start:.1f} s"
-    )
-
-    fast_times = []
-    for _ in range(max(1, args.repeats)):
-        fast, seconds = timed(evaluate, *inputs)
-        fast_times.append(seconds)
-    fast_time = min(fast_times)
-    print(f"evaluate        (vectorised): {fast_time:8.3f} s   (best of {len(fast_times)})")
-    naive, naive_time = timed(evaluate_naive, *inputs)
-    print(f"evaluate_naive  (per query):  {naive_time:8.3f} s")
-    print(f"speed-up: {naive_time / fast_time:.1f}x")
-
-    agree = same_result(fast, naive)
-    print(f"identical results: {agree}")
-    print(f"market AP: {fast}")
-    print(f"step AP:   {evaluate(*inputs, ap='step')}")
-    return 0 if agree else 1
+    if args.memory_child:
+        memory_child(args.memory_child)
+        return 0
+    if args.naive_queries is None:
+        args.naive_queries = 500 if args.size == "market" else 100
+    return run_market(args) if args.size == "market" else run_msmt(args)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ official Market-1501 evaluation code): rank the gallery by similarity to each qu
 gallery items with the same pid *and* the same camera are junk (finding yourself in the same camera
 is too easy), and so are boxes with pid -1 (partial boxes, "no impact on accuracy"). Junk is removed
 from the ranking; distractors (pid 0) stay in as wrong answers. A query with no true match left is
-skipped and counted, as torchreid does, instead of being scored as zero.
+skipped and counted, as torchreid does, instead of being scored as zero. ``junk_mask`` is that rule,
+written once; every function here uses it.
 
 Two AP conventions are in use:
 
@@ -17,13 +18,15 @@ Two AP conventions are in use:
 
 ``evaluate`` is the fast, chunked implementation; ``evaluate_naive`` is the classic one-query-at-a-time
 loop, kept as a readable reference that the tests and ``benchmarks/bench_evaluate.py`` compare against.
+Both rank by the same float64 scores (``_dot_rows``), so they give identical results, ties included.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -31,10 +34,21 @@ import torch
 ArrayLike = np.ndarray | torch.Tensor
 APConvention = Literal["market", "step"]
 AP_CONVENTIONS = ("market", "step")
+JUNK_PID = -1  # partial boxes: junk for every query
 
-# Working memory per chunk is about 20 bytes per (query, gallery) pair (float64 keys, their sorted copy,
-# a boolean mask), so 256 queries x 19,732 gallery images (Market-1501) is roughly 100 MB.
-DEFAULT_CHUNK_SIZE = 256
+# chunk_size=None (the default): each float32 matrix product covers a sixth of the queries (so that ranking one
+# chunk overlaps the product of the next), but at least 256 queries (each product call packs the whole gallery
+# once: thinner ones waste time on that) and at most PAIRS_PER_CHUNK (query, gallery) pairs, 128 MB of scores:
+# 562 queries x 15,913 kept gallery columns for Market-1501, 408 x 82,161 for MSMT17. Two such buffers take turns.
+PAIRS_PER_CHUNK = 1 << 25
+DEFAULT_CHUNK_SIZE: int | None = None
+_MIN_CHUNKS = 6
+_MIN_CHUNK_ROWS = 256
+# The ranking work after each product goes through the scores this many pairs at a time (bounds its temporaries).
+_PAIRS_PER_PASS = 1 << 22
+# Sorting a few hundred keys at a time (whole rows) stays in cache: 3-7x faster per key than one long sort.
+_SORT_RUN = 1 << 9
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,12 +102,12 @@ def _as_array(x: ArrayLike, dtype: type | None) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
-def _check_options(ap: str, max_rank: int, chunk_size: int) -> None:
+def _check_options(ap: str, max_rank: int, chunk_size: int | None) -> None:
     if ap not in AP_CONVENTIONS:
         raise ValueError(f"ap must be one of {AP_CONVENTIONS}, got {ap!r}")
     if int(max_rank) < 1:
         raise ValueError(f"max_rank must be at least 1, got {max_rank}")
-    if int(chunk_size) < 1:
+    if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
 
 
@@ -108,14 +122,11 @@ def _labels(pids: ArrayLike, cams: ArrayLike, count: int, side: str) -> tuple[np
     return out[0], out[1]
 
 
-def _features(features: ArrayLike, name: str) -> np.ndarray:
-    """2-D float64 features.
-
-    Scores are computed in float64 on purpose: a float32 matrix product rounds differently depending on
-    how BLAS blocks it (that is, on the chunk size), by about 1e-7, which is enough to swap near-tied
-    gallery items. In float64 the rankings no longer depend on the chunk size.
-    """
-    array = _as_array(features, np.float64)
+def _features(features: ArrayLike, name: str, keep_float32: bool = False) -> np.ndarray:
+    """2-D float features: float64, or float32 as given when ``keep_float32`` (``evaluate`` needs no copy)."""
+    array = _as_array(features, None)
+    if not (keep_float32 and array.dtype == np.float32):
+        array = array.astype(np.float64, copy=False)
     if array.ndim != 2:
         raise ValueError(f"{name} must be 2-D (num_items, feature_dim), got shape {array.shape}")
     if not np.isfinite(array).all():
@@ -123,9 +134,9 @@ def _features(features: ArrayLike, name: str) -> np.ndarray:
     return array
 
 
-def _prepare(query_features, query_pids, query_cams, gallery_features, gallery_pids, gallery_cams):
-    qf = _features(query_features, "query_features")
-    gf = _features(gallery_features, "gallery_features")
+def _prepare(query_features, query_pids, query_cams, gallery_features, gallery_pids, gallery_cams, keep_float32=False):
+    qf = _features(query_features, "query_features", keep_float32)
+    gf = _features(gallery_features, "gallery_features", keep_float32)
     if qf.shape[1] != gf.shape[1]:
         raise ValueError(f"query and gallery feature sizes differ: {qf.shape[1]} vs {gf.shape[1]}")
     if len(gf) == 0:
@@ -156,48 +167,305 @@ def _make_evaluation(cmc_counts: np.ndarray, ap_values: np.ndarray, evaluated: n
 
 
 # --------------------------------------------------------------------------------------------------
-# The vectorised core: one block of queries at a time
+# The protocol's two primitives: which items are junk, and the score every function ranks by
 # --------------------------------------------------------------------------------------------------
 
 
-def _searchsorted_rows(sorted_rows: np.ndarray, rows: np.ndarray, values: np.ndarray, side: str) -> np.ndarray:
-    """``np.searchsorted(sorted_rows[r], v, side)`` for many ``(r, v)`` pairs at once.
-
-    numpy has no batched searchsorted, so this is a binary search run on all pairs together: ``pos``
-    grows by powers of two while the entry just before the candidate position is still ``< v``
-    (``<= v`` for ``side="right"``). About log2(width) steps of cheap fancy indexing.
-    """
-    width = sorted_rows.shape[1]
-    pos = np.zeros(len(values), dtype=np.int64)
-    step = 1 << (width.bit_length() - 1) if width else 0
-    while step:
-        candidate = pos + step
-        inside = candidate <= width
-        probe = sorted_rows[rows, np.minimum(candidate, width) - 1]
-        moves = inside & ((probe < values) if side == "left" else (probe <= values))
-        pos[moves] = candidate[moves]
-        step >>= 1
-    return pos
-
-
-def _equal_before(
-    keys: np.ndarray, rows: np.ndarray, cols: np.ndarray, values: np.ndarray, budget: int = 1 << 22
+def junk_mask(
+    query_pid: ArrayLike | int, query_cam: ArrayLike | int, gallery_pids: ArrayLike, gallery_cams: ArrayLike
 ) -> np.ndarray:
-    """How many items in row ``r`` before column ``c`` have exactly the key ``v`` (ties, broken by index).
+    """True where a gallery item is junk for the query: pid -1, or the query's person seen by the query's camera.
 
-    Only called for true matches whose score is tied with another item, which real features rarely
-    produce; the pairs go through in batches of ``budget`` compared elements to bound memory.
+    Junk is removed from the ranking before CMC and AP are computed (it is neither right nor wrong).
+    Broadcasts like a numpy comparison: one query against a whole gallery, or (query, item) pairs elementwise.
     """
-    width = keys.shape[1]
-    columns = np.arange(width)
-    out = np.empty(len(rows), dtype=np.int64)
-    step = max(1, budget // max(width, 1))
-    for start in range(0, len(rows), step):
-        part = slice(start, start + step)
-        equal = keys[rows[part]] == values[part, None]
-        equal &= columns < cols[part, None]
-        out[part] = equal.sum(axis=1)
-    return out
+    gallery_pids = _as_array(gallery_pids, None)
+    same_camera = _as_array(gallery_cams, None) == _as_array(query_cam, None)
+    return (gallery_pids == JUNK_PID) | ((gallery_pids == _as_array(query_pid, None)) & same_camera)
+
+
+def _dot_rows(rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """float64 ``rows @ vector``, each row rounded the same way wherever it sits.
+
+    A BLAS matrix-vector product does not: OpenBLAS treats the last rows of a matrix with another kernel, so
+    two identical gallery rows can score 1 ulp apart and lose their tie, and a row's score changes with the
+    rows passed alongside it. ``np.einsum`` reduces every row with the same loop (the same one as
+    ``_dot_pairs``), so ``evaluate`` can re-score a handful of pairs and get exactly the values the per-query
+    loop ranks by; ``tests/test_metrics.py`` checks that the two agree bit for bit.
+    """
+    return np.einsum("ij,j->i", rows, vector)
+
+
+def _dot_pairs(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """float64 dot product of each row of ``left`` with the same row of ``right``: ``_dot_rows`` pair by pair."""
+    return np.einsum("ij,ij->i", left, right)
+
+
+def _kept_columns(gallery_pids: np.ndarray, gallery_cams: np.ndarray) -> np.ndarray:
+    """Gallery columns that are not junk for every query, so worth scoring at all.
+
+    Asking ``junk_mask`` on behalf of a pid -1 query isolates the part of the rule that does not depend on the
+    query (its "same person" is pid -1 again). Dropping those columns once, up front, leaves less to multiply
+    and sort, and keeps the order of the remaining columns (which breaks ties).
+    """
+    return np.flatnonzero(~junk_mask(JUNK_PID, 0, gallery_pids, gallery_cams))
+
+
+# --------------------------------------------------------------------------------------------------
+# The vectorised core: float32 scores, an error bound, and exact float64 checks of the near-ties
+# --------------------------------------------------------------------------------------------------
+#
+# A true match's rank is the number of non-junk items whose exact key (``-score``, or a distance) is smaller
+# than its own, plus those with an equal key and a smaller gallery index. The keys are computed in float32 by
+# one matrix product per chunk, with a per-query bound ``tol`` on |float32 key - exact key| (see
+# ``_FeatureKeys``). For a match with float32 key ``k``, an item whose float32 key is below ``k - 2 tol``
+# certainly comes first, one above ``k + 2 tol`` certainly after; only the items in between are re-scored in
+# float64 and compared exactly. So the result is the float64 ranking, bit for bit, at float32 speed.
+
+
+def _gamma(n: int, unit_roundoff: float) -> float:
+    """Higham's gamma_n = n u / (1 - n u): relative error bound of a length-n dot product, any summation order."""
+    nu = n * unit_roundoff
+    return nu / (1 - nu) if nu < 0.5 else np.inf
+
+
+def _shift_exponents(max_abs: np.ndarray) -> np.ndarray:
+    """Powers of two that bring far-out magnitudes back near 1, so float32 neither overflows nor underflows.
+
+    0 (no scaling) for anything between 2**-20 and 2**20, which covers any sensible feature; scaling by a
+    power of two does not change the order of a query's keys.
+    """
+    exponent = np.frexp(max_abs)[1]
+    return np.where((max_abs > 0) & (np.abs(exponent) > 20), -exponent, 0)
+
+
+def _norm_bounds(rows: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Upper bounds on the L2 norms of the float64 rows ``rows * 2**shift`` (one shift per row).
+
+    Squares that underflow lose at most 2**-1074 each; adding that back keeps it a bound. The few ulps of
+    rounding left are covered by the 1 % margin of the tolerances that use it.
+    """
+    if shift.any():
+        rows = np.ldexp(rows, shift[:, None])
+    return np.sqrt(np.einsum("ij,ij->i", rows, rows) + rows.shape[1] * 2.0**-1073)
+
+
+def _float32_norm_bound(rows: np.ndarray) -> float:
+    """An upper bound on the largest L2 norm of the real values that float32 ``rows`` were rounded from.
+
+    The float32 sums of squares err by at most gamma_d of themselves (all terms are positive) plus 2**-150 per
+    square lost to underflow; each element is within a factor (1 + u) (+ 2**-150) of the value it rounds.
+    """
+    if rows.size == 0:
+        return 0.0
+    dim = rows.shape[1]
+    largest = float(np.einsum("ij,ij->i", rows, rows).max())
+    sum_bound = (largest + dim * 2.0**-149) / (1 - _gamma(dim, 2.0**-24))
+    return (np.sqrt(sum_bound) + np.sqrt(dim) * 2.0**-149) * (1 + 2.0**-23)
+
+
+class _KeySource(Protocol):
+    def block(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        """Write float32 keys of queries ``start:stop`` x kept columns into ``out``; return each row's tolerance."""
+
+    def exact(self, queries: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """Exact float64 keys of (query, kept column) pairs: the values the reference ranks by."""
+
+
+class _FeatureKeys:
+    """Keys ``-query . gallery`` for ``evaluate``: float32 blocks by matrix product, exact values by ``_dot_rows``.
+
+    The bound: with u = 2**-24, a float32 dot product of length d, whatever its summation order and with the
+    rounding of float64 inputs to float32 included, errs by at most gamma_(d+2) * sum_k |q_k g_k| <=
+    gamma_(d+2) |q| |g| (Cauchy-Schwarz; gamma_n = n u / (1 - n u), Higham, "Accuracy and Stability of
+    Numerical Algorithms", ch. 3). The float64 reference errs by at most gamma_d |q| |g| with u = 2**-53.
+    Subnormal results add an absolute error of at most 2**-150 (float32) or 2**-1075 (float64) per rounding,
+    covered by the absolute terms. With the largest gallery norm in place of |g|, and 1 % on top for the
+    rounding of the bound itself, ``tol`` bounds |float32 key - exact key| for every item of the query's row.
+    """
+
+    def __init__(self, queries: np.ndarray, gallery: np.ndarray, kept: np.ndarray):
+        self.queries, self.gallery, self.kept = queries, gallery, kept
+        self.queries64 = queries.astype(np.float64, copy=False)  # small; the re-check gathers rows of it
+        dim = queries.shape[1]
+        self.query_shift = _shift_exponents(np.abs(queries).max(axis=1, initial=0).astype(np.float64))
+        if gallery.dtype == np.float32:
+            self.gallery32 = np.ascontiguousarray(gallery if len(kept) == len(gallery) else gallery[kept])
+            largest = max(float(self.gallery32.max(initial=0)), -float(self.gallery32.min(initial=0)))
+            self.gallery_shift = int(_shift_exponents(np.array(largest)))
+            if self.gallery_shift:
+                self.gallery32 = np.ldexp(self.gallery32, self.gallery_shift).astype(np.float32)
+        else:
+            largest = max(
+                float(np.abs(gallery[start : start + 8192]).max(initial=0)) for start in range(0, len(gallery), 8192)
+            )
+            self.gallery_shift = int(_shift_exponents(np.array(largest)))
+            self.gallery32 = np.empty((len(kept), dim), dtype=np.float32)
+            for start in range(0, len(kept), 8192):
+                rows = gallery[kept[start : start + 8192]]
+                self.gallery32[start : start + 8192] = (
+                    np.ldexp(rows, self.gallery_shift) if self.gallery_shift else rows
+                )
+
+        query_norms = _norm_bounds(self.queries64, self.query_shift)
+        gallery_norm = _float32_norm_bound(self.gallery32)
+        relative = _gamma(dim + 2, 2.0**-24) + _gamma(dim, 2.0**-53)
+        underflow = 2.0**-148 * (np.sqrt(dim) * (query_norms + gallery_norm) + dim)
+        underflow64 = np.ldexp(float(dim), self.query_shift + self.gallery_shift - 1074)
+        self.tolerance = 1.01 * (relative * query_norms * gallery_norm + underflow + underflow64)
+
+    def block(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        queries = self.queries64[start:stop]
+        if self.query_shift[start:stop].any():
+            queries = np.ldexp(queries, self.query_shift[start:stop, None])
+        # keys = -score, smaller = better; negating is exact
+        np.matmul(np.negative(queries).astype(np.float32, copy=False), self.gallery32.T, out=out)
+        return self.tolerance[start:stop]
+
+    def exact(self, queries: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        out = np.empty(len(queries))
+        for start in range(0, len(queries), 512):  # a few MB at a time: the copies stay in cache
+            part = slice(start, start + 512)
+            gallery_rows = self.gallery[self.kept[columns[part]]].astype(np.float64, copy=False)
+            out[part] = _dot_pairs(gallery_rows, self.queries64[queries[part]])
+        return np.negative(out, out=out)
+
+
+class _DistanceKeys:
+    """Keys from a distance matrix for ``evaluate_from_distance``: the distances themselves are exact.
+
+    float32 distances go through as they are (tolerance 0: only equal values need a look at the gallery order);
+    other dtypes are rounded to float32, which errs by at most 2**-24 |d| (+ 2**-150 if subnormal).
+    """
+
+    def __init__(self, dist: np.ndarray, kept: np.ndarray):
+        self.dist, self.kept = dist, kept
+
+    def block(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        rows = self.dist[start:stop]
+        if rows.dtype == np.float32:
+            np.take(rows, self.kept, axis=1, out=out)
+            return np.zeros(stop - start)
+        tolerance = np.empty(stop - start)
+        step = max(1, _PAIRS_PER_PASS // max(len(self.kept), 1))
+        for first in range(0, stop - start, step):
+            part = slice(first, first + step)
+            values = rows[part][:, self.kept].astype(np.float64, copy=False)
+            max_abs = np.abs(values).max(axis=1, initial=0)
+            shift = _shift_exponents(max_abs)
+            if shift.any():
+                values = np.ldexp(values, shift[:, None])
+            out[part] = values
+            # rounding to float32: 2**-24 relative, or 2**-150 when subnormal (+ 2**-1075 if the scaling was)
+            tolerance[part] = 1.01 * (2.0**-24 * np.ldexp(max_abs, shift) + 2.0**-149)
+        return tolerance
+
+    def exact(self, queries: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        return self.dist[queries, self.kept[columns]].astype(np.float64)
+
+
+def _float32_outward(values: np.ndarray, up: bool) -> np.ndarray:
+    """float32 values at or beyond the float64 ``values`` (rounded up or down, never toward them).
+
+    Clipped to the finite range: the only float32 keys beyond it are the +inf of junk, which must stay out.
+    """
+    rounded = np.clip(values, -_FLOAT32_MAX, _FLOAT32_MAX).astype(np.float32)
+    wrong = rounded < values if up else rounded > values
+    rounded[wrong] = np.nextafter(rounded[wrong], np.float32(np.inf if up else -np.inf))
+    return np.clip(rounded, -_FLOAT32_MAX, _FLOAT32_MAX)
+
+
+def _ordered_bits(values: np.ndarray) -> np.ndarray:
+    """Codes in [0, 2**32) of float32 values that sort as the values do (-0.0 made +0.0 first: they are equal).
+
+    As int32, a float's bits already sort right for positive values; flipping all but the sign bit of the
+    negative ones reverses their order, and adding 2**31 makes every code non-negative.
+    """
+    bits = (values + np.float32(0)).view(np.int32)
+    bits ^= (bits >> 31) & np.int32(0x7FFFFFFF)
+    return bits.astype(np.int64) + (1 << 31)
+
+
+def _sort_row_runs(packed: np.ndarray, per_row: np.ndarray) -> None:
+    """Sort keys in place that are already grouped by row in row order, a few hundred keys (whole rows) at a time."""
+    ends = np.cumsum(per_row)
+    total = int(ends[-1]) if len(ends) else 0
+    cuts = np.unique(ends[np.searchsorted(ends, np.arange(_SORT_RUN, total, _SORT_RUN))])
+    start = 0
+    for end in [*cuts.tolist(), total]:
+        if end > start:
+            packed[start:end].sort()
+        start = end
+
+
+def _ranks_in_pass(
+    keys: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    tolerance: np.ndarray,
+    exact: Callable[[np.ndarray, np.ndarray], np.ndarray],
+) -> np.ndarray:
+    """Exact 0-based ranks of the true matches ``(rows, cols)`` among the non-junk items of their rows.
+
+    ``keys`` are float32 keys (junk set to +inf), within ``tolerance[row]`` of the exact keys that ``exact(rows,
+    columns)`` returns. Every item that could come before some match of its row (float32 key up to the
+    highest ``k + 2 tol``) is packed into one int64 -- row, order-preserving key bits, column -- and sorted;
+    then a binary search finds, for each match, how many items lie below its window and which lie in it.
+    """
+    n, width = keys.shape
+    col_bits = max(1, (width - 1).bit_length())
+    col_mask, row_shift = (1 << col_bits) - 1, 32 + col_bits
+    if len(rows) == 0:
+        return np.zeros(0, dtype=np.int64)
+
+    match_keys = keys[rows, cols].astype(np.float64)
+    spread = 2 * tolerance[rows]
+    low, high = match_keys - spread, match_keys + spread
+    widened = spread > 0  # one float64 ulp outward covers the rounding of the subtraction and addition
+    low[widened] = np.nextafter(low[widened], -np.inf)
+    high[widened] = np.nextafter(high[widened], np.inf)
+    low, high = _float32_outward(low, up=False), _float32_outward(high, up=True)
+
+    row_limit = np.full(n, -np.inf, dtype=np.float32)
+    np.maximum.at(row_limit, rows, high)
+    candidates = np.flatnonzero(keys <= row_limit[:, None])
+    cand_rows = candidates // width
+    packed = _ordered_bits(keys.reshape(-1)[candidates])
+    packed += cand_rows << 32
+    packed <<= col_bits
+    candidates -= cand_rows * width  # now the column
+    packed |= candidates
+    del candidates
+    _sort_row_runs(packed, np.bincount(cand_rows, minlength=n))
+    del cand_rows
+
+    row_base = rows << row_shift
+    row_start = np.searchsorted(packed, np.arange(n, dtype=np.int64) << row_shift, side="left")
+    low_pos = np.searchsorted(packed, row_base | (_ordered_bits(low) << col_bits), side="left")
+    high_pos = np.searchsorted(packed, row_base | (_ordered_bits(high) << col_bits) | col_mask, side="right")
+    ranks = (low_pos - row_start[rows]).astype(np.int64)  # items certainly before the match
+
+    window = high_pos - low_pos  # items that need an exact look, the match itself included
+    crowded = np.flatnonzero(window > 1)
+    if len(crowded) == 0:
+        return ranks
+    sizes = window[crowded]
+    pair = np.repeat(crowded, sizes)
+    offset = np.arange(len(pair)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    item_cols = (packed[low_pos[pair] + offset] & col_mask).astype(np.int64)
+    other = item_cols != cols[pair]
+    pair, item_cols = pair[other], item_cols[other]
+
+    # Exact keys of every (row, column) involved, each computed once, the way the reference computes them.
+    item_flat = rows[pair] * width + item_cols
+    match_flat = rows[pair] * width + cols[pair]
+    needed = np.unique(np.concatenate([item_flat, match_flat]))
+    values = exact(*np.divmod(needed, width))
+    item_exact = values[np.searchsorted(needed, item_flat)]
+    match_exact = values[np.searchsorted(needed, match_flat)]
+    before = (item_exact < match_exact) | ((item_exact == match_exact) & (item_cols < cols[pair]))
+    ranks += np.bincount(pair[before], minlength=len(rows))
+    return ranks
 
 
 class _GalleryIndex(NamedTuple):
@@ -207,6 +475,7 @@ class _GalleryIndex(NamedTuple):
     ``sorted_pids``.
     """
 
+    pids: np.ndarray
     cams: np.ndarray
     by_pid: np.ndarray
     sorted_pids: np.ndarray
@@ -214,7 +483,7 @@ class _GalleryIndex(NamedTuple):
     @classmethod
     def build(cls, pids: np.ndarray, cams: np.ndarray) -> _GalleryIndex:
         by_pid = np.argsort(pids, kind="stable")
-        return cls(cams=cams, by_pid=by_pid, sorted_pids=pids[by_pid])
+        return cls(pids=pids, cams=cams, by_pid=by_pid, sorted_pids=pids[by_pid])
 
     def same_pid_pairs(self, query_pids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every (query row, gallery column) pair with equal pids, grouped by query row.
@@ -231,43 +500,36 @@ class _GalleryIndex(NamedTuple):
 
 def _block_results(
     keys: np.ndarray,
+    tolerance: np.ndarray,
     query_pids: np.ndarray,
     query_cams: np.ndarray,
     gallery: _GalleryIndex,
     ap: str,
+    exact: Callable[[np.ndarray, np.ndarray], np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Evaluate one block of queries from its (block, G) ranking keys, smaller = better (overwritten).
-
-    The keys are ``-similarity`` or a distance; the gallery has no pid -1 items left (see
-    ``_evaluate_blocks``). We never need the full ranking of the gallery, only where each true match lands
-    in it. A true match's 0-based rank among the non-junk items is the number of non-junk items with a
-    smaller key, plus the tied ones with a smaller gallery index -- exactly what
-    ``np.argsort(keys, kind="stable")`` followed by junk removal gives. Sorting the key *values* (no
-    argsort) and binary-searching each true match's key in its sorted row gets those counts several times
-    faster than a stable argsort of every row.
+    """Evaluate one block of queries from its (block, G) float32 keys (overwritten: junk becomes +inf).
 
     Returns ``(evaluated, ap_values, first_hit)``: a bool per query, and for the evaluated queries their
     AP and the 0-based rank of their first true match.
     """
     # Same-pid pairs are few (tens per query), so they are split into junk and true matches as lists.
     rows, cols = gallery.same_pid_pairs(query_pids)
-    same_cam = query_cams[rows] == gallery.cams[cols]
-    # Junk gets +inf: it sorts last and never precedes a true match, so counting "keys smaller than
-    # mine" counts non-junk items only.
-    keys[rows[same_cam], cols[same_cam]] = np.inf
-    rows, cols = rows[~same_cam], cols[~same_cam]
-    values = keys[rows, cols]
-    # Items behind a query's last true match cannot change any count we need; as +inf they make the
-    # sort below cheaper (typically twice as fast).
-    last = np.full(len(keys), -np.inf)
-    np.maximum.at(last, rows, values)
-    np.putmask(keys, keys > last[:, None], np.inf)
+    junk = junk_mask(query_pids[rows], query_cams[rows], gallery.pids[cols], gallery.cams[cols])
+    keys[rows[junk], cols[junk]] = np.inf  # sorts last: never before a match, never a candidate
+    rows, cols = rows[~junk], cols[~junk]
 
-    sorted_keys = np.sort(keys, axis=1)
-    ranks = _searchsorted_rows(sorted_keys, rows, values, "left")
-    tied = _searchsorted_rows(sorted_keys, rows, values, "right") - ranks > 1  # someone else has my key
-    if tied.any():
-        ranks[tied] += _equal_before(keys, rows[tied], cols[tied], values[tied])
+    ranks = np.empty(len(rows), dtype=np.int64)
+    step = max(1, _PAIRS_PER_PASS // max(keys.shape[1], 1))
+    for first in range(0, len(keys), step):
+        last = min(first + step, len(keys))
+        lo, hi = np.searchsorted(rows, [first, last])
+        ranks[lo:hi] = _ranks_in_pass(
+            keys[first:last],
+            rows[lo:hi] - first,
+            cols[lo:hi],
+            tolerance[first:last],
+            lambda rows, columns, first=first: exact(first + rows, columns),
+        )
 
     # Put each query's hits in rank order; i is the 1-based hit number, r the 0-based rank.
     order = np.lexsort((ranks, rows))
@@ -288,17 +550,8 @@ def _block_results(
     return evaluated, ap_sums[evaluated] / n_good[evaluated], r[starts[evaluated]]
 
 
-def _kept_columns(gallery_pids: np.ndarray) -> np.ndarray:
-    """Gallery columns worth ranking.
-
-    pid -1 boxes are junk for every query, so they are dropped once, up front: less to multiply and
-    sort, and the order of the remaining columns (which breaks ties) is unchanged.
-    """
-    return np.flatnonzero(gallery_pids != -1)
-
-
 def _evaluate_blocks(
-    key_block: Callable[[int, int], np.ndarray],
+    source: _KeySource,
     query_pids: np.ndarray,
     query_cams: np.ndarray,
     gallery_pids: np.ndarray,
@@ -306,34 +559,64 @@ def _evaluate_blocks(
     num_gallery: int,
     ap: str,
     max_rank: int,
-    chunk_size: int,
+    chunk_size: int | None,
 ) -> Evaluation:
-    """Shared driver of ``evaluate`` and ``evaluate_from_distance``.
+    """Shared driver of ``evaluate`` and ``evaluate_from_distance``: one float32 key block per chunk of queries.
 
-    ``key_block(start, stop)`` returns a fresh float64 block of ranking keys (smaller = better) for
-    queries ``start:stop`` against the kept gallery columns, whose pids and cameras are given here.
-    ``num_gallery`` is the full gallery size, which caps the length of the CMC curve.
+    ``gallery_pids`` / ``gallery_cams`` label the kept columns; ``num_gallery`` is the full gallery size,
+    which caps the length of the CMC curve. While BLAS computes the keys of one chunk, a worker thread ranks
+    the previous one (numpy lets go of the GIL in its heavy loops): the ranking work then fills the moments
+    the product leaves a core idle, or when another process has taken one, instead of adding to the time.
+    Two key buffers take turns; the result does not depend on the chunking.
     """
     length = min(int(max_rank), num_gallery)
+    width = len(gallery_pids)
+    num_queries = len(query_pids)
     gallery = _GalleryIndex.build(gallery_pids, gallery_cams)
-    cmc_counts = np.zeros(length, dtype=np.float64)
-    evaluated_parts, ap_parts = [], []
-    for start in range(0, len(query_pids), int(chunk_size)):
-        stop = min(start + int(chunk_size), len(query_pids))
-        evaluated, ap_values, first_hit = _block_results(
-            key_block(start, stop),
+    rows_per_chunk = int(chunk_size) if chunk_size is not None else _default_chunk_rows(num_queries, width)
+    # the packed sort keys (int64) hold the row in the bits left over by 32 key bits and the column
+    rows_per_chunk = max(1, min(rows_per_chunk, num_queries, 1 << (31 - max(1, (width - 1).bit_length()))))
+    starts = list(range(0, num_queries, rows_per_chunk))
+    # reused: fresh pages cost more than the product
+    buffers = [np.empty((rows_per_chunk, width), dtype=np.float32) for _ in range(min(2, len(starts)))]
+
+    def rank_chunk(start: int, keys: np.ndarray, tolerance: np.ndarray):
+        stop = start + len(keys)
+        return _block_results(
+            keys,
+            tolerance,
             query_pids[start:stop],
             query_cams[start:stop],
             gallery,
             ap,
+            lambda rows, columns: source.exact(start + rows, columns),
         )
+
+    results, pending = [], []
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        for index, start in enumerate(starts):
+            if len(pending) == len(buffers):  # the buffer this chunk goes into must be ranked first
+                results.append(pending.pop(0).result())
+            keys = buffers[index % len(buffers)][: min(rows_per_chunk, num_queries - start)]
+            tolerance = source.block(start, start + len(keys), keys)
+            pending.append(worker.submit(rank_chunk, start, keys, tolerance))
+        results += [future.result() for future in pending]
+
+    cmc_counts = np.zeros(length, dtype=np.float64)
+    for _, _, first_hit in results:
         cmc_counts += np.bincount(first_hit[first_hit < length], minlength=length)
-        evaluated_parts.append(evaluated)
-        ap_parts.append(ap_values)
     cmc_counts = np.cumsum(cmc_counts)  # first hit at rank r counts for every k >= r
-    evaluated = np.concatenate(evaluated_parts) if evaluated_parts else np.zeros(0, dtype=bool)
-    ap_values = np.concatenate(ap_parts) if ap_parts else np.zeros(0)
+    evaluated = np.concatenate([part[0] for part in results]) if results else np.zeros(0, dtype=bool)
+    ap_values = np.concatenate([part[1] for part in results]) if results else np.zeros(0)
     return _make_evaluation(cmc_counts, ap_values, evaluated, ap)
+
+
+def _default_chunk_rows(num_queries: int, width: int) -> int:
+    """Queries per chunk when none is asked for: at most ``PAIRS_PER_CHUNK`` pairs, and at least
+    ``_MIN_CHUNKS`` chunks so there is something to overlap, unless that would make products too thin to run
+    at full speed (fewer than ``_MIN_CHUNK_ROWS`` queries)."""
+    rows = -(-num_queries // _MIN_CHUNKS)
+    return max(1, min(max(rows, _MIN_CHUNK_ROWS), PAIRS_PER_CHUNK // max(width, 1)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -350,12 +633,15 @@ def evaluate(
     gallery_cams: ArrayLike,
     ap: APConvention = "market",
     max_rank: int = 50,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> Evaluation:
     """CMC and mAP of a query set against a gallery, Market-1501 protocol (see the module docstring).
 
     Similarity is the dot product of the features as given, so L2-normalise them first to rank by cosine
-    similarity. Equal scores keep gallery order (``np.argsort(-scores, kind="stable")``).
+    similarity. The ranking is that of float64 scores, equal scores in gallery order -- exactly what
+    ``evaluate_naive`` computes -- but the scores are computed in float32 (one fast matrix product per chunk),
+    and only the items whose float32 score is too close to a true match's for float32 to tell them apart are
+    re-scored in float64 (see ``_FeatureKeys`` for the bound).
 
     AP for one query with ``n_good`` true matches, the ``i``-th (1-based) at 0-based rank ``r`` after
     junk removal:
@@ -365,20 +651,17 @@ def evaluate(
       and ``precision_before = (i - 1) / r`` (1 when ``r = 0``).
     * ``ap="step"`` (torchreid ``eval_market1501``, fast-reid): ``AP = 1/n_good * sum_i i / (r + 1)``.
 
-    The work is vectorised and done ``chunk_size`` queries at a time, which bounds memory to about
-    ``20 * chunk_size * num_gallery`` bytes.
+    The work is done ``chunk_size`` queries at a time (default: a sixth of them, at least 256 and at most
+    ``PAIRS_PER_CHUNK`` query-gallery pairs, 128 MB of float32 scores), which bounds memory: two chunks of
+    float32 scores plus a few MB. The result does not depend on it.
     """
     _check_options(ap, max_rank, chunk_size)
     qf, qp, qc, gf, gp, gc = _prepare(
-        query_features, query_pids, query_cams, gallery_features, gallery_pids, gallery_cams
+        query_features, query_pids, query_cams, gallery_features, gallery_pids, gallery_cams, keep_float32=True
     )
-    kept = _kept_columns(gp)
-    negated_gallery = -gf[kept]  # keys = query @ (-gallery).T = -similarity, without a pass over the block
-
-    def key_block(start: int, stop: int) -> np.ndarray:
-        return qf[start:stop] @ negated_gallery.T
-
-    return _evaluate_blocks(key_block, qp, qc, gp[kept], gc[kept], len(gp), ap, max_rank, chunk_size)
+    kept = _kept_columns(gp, gc)
+    source = _FeatureKeys(qf, gf, kept)
+    return _evaluate_blocks(source, qp, qc, gp[kept], gc[kept], len(gp), ap, max_rank, chunk_size)
 
 
 def evaluate_from_distance(
@@ -389,30 +672,29 @@ def evaluate_from_distance(
     gallery_cams: ArrayLike,
     ap: APConvention = "market",
     max_rank: int = 50,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> Evaluation:
     """Like ``evaluate``, from a precomputed (num_query, num_gallery) *distance* matrix (smaller = closer).
 
     Use it for distances that are not a dot product, e.g. the output of
     ``reid_utils.rerank.k_reciprocal_rerank``. It runs the same code as ``evaluate``, ranking by ``dist``
-    where ``evaluate`` ranks by ``-similarity``, so ties again keep gallery order.
+    where ``evaluate`` ranks by ``-similarity``, so ties again keep gallery order. The distances are ranked
+    exactly as given (float64 ones through float32 with the same exact re-check of close calls).
     """
     _check_options(ap, max_rank, chunk_size)
-    d = _as_array(dist, None)  # kept in its own precision; blocks are converted to float64 one at a time
+    d = _as_array(dist, None)
     if d.ndim != 2:
         raise ValueError(f"dist must be 2-D (num_query, num_gallery), got shape {d.shape}")
     if d.shape[1] == 0:
         raise ValueError("the gallery is empty")
+    if d.dtype not in (np.float32, np.float64):
+        d = d.astype(np.float64)
     if not np.isfinite(d).all():
         raise ValueError("dist contains NaN or infinite values")
     qp, qc = _labels(query_pids, query_cams, d.shape[0], "query")
     gp, gc = _labels(gallery_pids, gallery_cams, d.shape[1], "gallery")
-    kept = _kept_columns(gp)
-
-    def key_block(start: int, stop: int) -> np.ndarray:
-        return d[start:stop, kept].astype(np.float64, copy=False)  # fancy indexing already copied
-
-    return _evaluate_blocks(key_block, qp, qc, gp[kept], gc[kept], len(gp), ap, max_rank, chunk_size)
+    kept = _kept_columns(gp, gc)
+    return _evaluate_blocks(_DistanceKeys(d, kept), qp, qc, gp[kept], gc[kept], len(gp), ap, max_rank, chunk_size)
 
 
 def evaluate_naive(
@@ -431,7 +713,7 @@ def evaluate_naive(
     Easy to check line by line, slow on a full data set; ``evaluate`` must give the same numbers.
     ``chunk_size`` is accepted only so the two functions can be swapped; it is ignored.
     """
-    _check_options(ap, max_rank, 1 if chunk_size is None else chunk_size)
+    _check_options(ap, max_rank, chunk_size)
     qf, qp, qc, gf, gp, gc = _prepare(
         query_features, query_pids, query_cams, gallery_features, gallery_pids, gallery_cams
     )
@@ -439,36 +721,32 @@ def evaluate_naive(
     cmc_counts = np.zeros(length)
     ap_values = []
     evaluated = np.zeros(len(qf), dtype=bool)
-    junk_everywhere = np.flatnonzero(gp == -1)
     for q in range(len(qf)):
-        score = gf @ qf[q]
+        score = _dot_rows(gf, qf[q])
         index = np.argsort(-score, kind="stable")  # best first, ties in gallery order
 
-        same_pid = np.flatnonzero(gp == qp[q])
-        same_cam = np.flatnonzero(gc == qc[q])
-        junk_index = np.union1d(np.intersect1d(same_pid, same_cam), junk_everywhere)
-        good_index = np.setdiff1d(np.setdiff1d(same_pid, same_cam), junk_index)
-        if good_index.size == 0:
+        junk = junk_mask(qp[q], qc[q], gp, gc)
+        good = (gp == qp[q]) & ~junk  # the query's person, seen by another camera
+        if not good.any():
             continue  # no true match left: skipped, not scored as zero
         evaluated[q] = True
 
-        index = index[np.isin(index, junk_index, invert=True)]
-        hit_ranks = np.flatnonzero(np.isin(index, good_index))  # 0-based ranks of the true matches
+        index = index[~junk[index]]
+        hit_ranks = np.flatnonzero(good[index])  # 0-based ranks of the true matches
 
         cmc = np.zeros(length)
         cmc[hit_ranks[0] :] = 1
         cmc_counts += cmc
 
-        query_ap = 0.0
-        n_good = len(good_index)
+        total = 0.0  # summed hit by hit, then divided: the very operations evaluate does, so equal bit for bit
         for i, r in enumerate(hit_ranks, start=1):
             precision_at = i / (r + 1)
             if ap == "step":
-                query_ap += precision_at / n_good
+                total += precision_at
             else:
                 precision_before = (i - 1) / r if r > 0 else 1.0
-                query_ap += (precision_before + precision_at) / 2 / n_good
-        ap_values.append(query_ap)
+                total += (precision_before + precision_at) / 2
+        ap_values.append(total / len(hit_ranks))
     return _make_evaluation(cmc_counts, np.array(ap_values), evaluated, ap)
 
 
@@ -476,9 +754,18 @@ def evaluate_naive(
 class RankedGallery:
     """One query's ranking after junk removal: what CMC and AP look at, ready to draw."""
 
-    order: np.ndarray  # gallery indices, most similar first, junk removed
+    order: np.ndarray  # gallery indices, best first, junk removed
     is_match: np.ndarray  # True where the ranked item is the query's person from another camera
-    scores: np.ndarray  # the similarity of each ranked item
+    scores: np.ndarray  # what each ranked item was ranked by: similarity, or distance for rank_gallery_by_distance
+
+
+def _ranked(
+    keys: np.ndarray, values: np.ndarray, query_pid: int, query_cam: int, gp: np.ndarray, gc: np.ndarray
+) -> RankedGallery:
+    """Sort by ``keys`` (smaller first, ties in gallery order) and drop the query's junk."""
+    order = np.argsort(keys, kind="stable")
+    order = order[~junk_mask(query_pid, query_cam, gp[order], gc[order])]
+    return RankedGallery(order=order, is_match=gp[order] == query_pid, scores=values[order])
 
 
 def rank_gallery(
@@ -489,16 +776,30 @@ def rank_gallery(
     gallery_pids: ArrayLike,
     gallery_cams: ArrayLike,
 ) -> RankedGallery:
-    """Rank the gallery for one query by dot product, dropping the same protocol's junk.
+    """Rank the gallery for one query by dot product, dropping the protocol's junk (``junk_mask``).
 
     Removed: gallery pid -1, and the query's person seen by the query's own camera.
-    Distractors (pid 0) stay and count as wrong. Ties keep gallery order.
+    Distractors (pid 0) stay and count as wrong. Ties keep gallery order; the scores are the ones
+    ``evaluate`` ranks by, so the order is the one it scores.
     """
     qf = _as_array(query_feature, np.float64).reshape(-1)
     gf = _as_array(gallery_features, np.float64)
     gp, gc = _labels(gallery_pids, gallery_cams, len(gf), "gallery")
-    scores = gf @ qf
-    order = np.argsort(-scores, kind="stable")
-    junk = (gp[order] == -1) | ((gp[order] == query_pid) & (gc[order] == query_cam))
-    order = order[~junk]
-    return RankedGallery(order=order, is_match=gp[order] == query_pid, scores=scores[order])
+    scores = _dot_rows(gf, qf)
+    return _ranked(-scores, scores, query_pid, query_cam, gp, gc)
+
+
+def rank_gallery_by_distance(
+    distance_row: ArrayLike,
+    query_pid: int,
+    query_cam: int,
+    gallery_pids: ArrayLike,
+    gallery_cams: ArrayLike,
+) -> RankedGallery:
+    """``rank_gallery`` for one row of a distance matrix (smaller = closer), e.g. re-ranked distances.
+
+    Same junk rule, same tie order as ``evaluate_from_distance``; ``scores`` holds the distances.
+    """
+    d = _as_array(distance_row, np.float64).reshape(-1)
+    gp, gc = _labels(gallery_pids, gallery_cams, len(d), "gallery")
+    return _ranked(d, d, query_pid, query_cam, gp, gc)

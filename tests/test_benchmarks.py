@@ -37,3 +37,9 @@ def test_gpu_check_runs_its_steps_in_the_smoke_setting(tmp_path, monkeypatch, ca
     assert re.search(r"extract: \d+ images \(flip-averaged\) at \d+ img/s", out)
     assert "evaluate:" in out and "mAP" in out
     assert "resume of a killed run: exact" in out  # on a CPU the resumed run is the uninterrupted one
+
+
+def test_bench_evaluate_prints_the_ratio_and_checks_identity(monkeypatch, capsys):
+    out = run_script("bench_evaluate.py", ["--shrink", "40", "--repeats", "1"], monkeypatch, capsys)
+    assert out.count(": True") == 2 and "False" not in out  # bit-identical to the loop, both AP conventions
+    assert re.search(r"idle \(median of 1\): evaluate [\d.]+ s, per-query loop [\d.]+ s .*: [\d.]+x", out)

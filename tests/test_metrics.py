@@ -13,7 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from reid_utils.metrics import Evaluation, evaluate, evaluate_from_distance, evaluate_naive, rank_gallery
+from reid_utils import metrics
+from reid_utils.metrics import (
+    Evaluation,
+    evaluate,
+    evaluate_from_distance,
+    evaluate_naive,
+    junk_mask,
+    rank_gallery,
+    rank_gallery_by_distance,
+)
 
 BOTH = pytest.mark.parametrize("fn", [evaluate, evaluate_naive], ids=["evaluate", "naive"])
 
@@ -264,3 +273,235 @@ def test_rank_gallery_drops_junk_and_marks_matches():
     assert ranked.order.tolist() == [1, 3]
     assert ranked.is_match.tolist() == [False, True]
     assert ranked.scores.tolist() == pytest.approx([0.8, 0.6])
+
+
+# --------------------------------------------------------------------------------------------------
+# The junk rule, written once
+# --------------------------------------------------------------------------------------------------
+
+
+def test_junk_mask_rule():
+    pids = np.array([7, 7, 0, -1, 3, 7])
+    cams = np.array([1, 2, 1, 2, 1, 1])
+    # query: person 7, camera 1 -> own person in own camera (0, 5) and the pid -1 box (3) are junk
+    np.testing.assert_array_equal(junk_mask(7, 1, pids, cams), [True, False, False, True, False, True])
+    # a distractor-free view: person 3 in camera 2 only loses the pid -1 box
+    np.testing.assert_array_equal(junk_mask(3, 2, pids, cams), [False, False, False, True, False, False])
+    # elementwise on (query, item) pairs, and from tensors
+    pairs = junk_mask(np.array([7, 7, 3]), np.array([1, 1, 2]), np.array([7, 7, -1]), np.array([1, 2, 2]))
+    np.testing.assert_array_equal(pairs, [True, False, True])
+    from_tensors = junk_mask(torch.tensor(7), torch.tensor(1), torch.from_numpy(pids), torch.from_numpy(cams))
+    np.testing.assert_array_equal(from_tensors, junk_mask(7, 1, pids, cams))
+    # broadcasting: several queries (a column) against the gallery (a row) at once
+    table = junk_mask(np.array([[7], [3]]), np.array([[1], [2]]), pids, cams)
+    np.testing.assert_array_equal(table, [junk_mask(7, 1, pids, cams), junk_mask(3, 2, pids, cams)])
+
+
+def test_rank_gallery_by_distance_uses_the_same_rule_and_ties():
+    # distances 0.1 (junk: same pid, same camera), 0.2 (distractor), 0.3 (pid -1), 0.4 twice (wrong, then match)
+    ranked = rank_gallery_by_distance([0.1, 0.2, 0.3, 0.4, 0.4], 7, 1, [7, 0, -1, 5, 7], [1, 2, 3, 2, 2])
+    assert ranked.order.tolist() == [1, 3, 4]  # the tie keeps gallery order
+    assert ranked.is_match.tolist() == [False, False, True]
+    assert ranked.scores.tolist() == pytest.approx([0.2, 0.4, 0.4])
+
+
+def ap_from_ranking(is_match: np.ndarray) -> float:
+    """Market-1501 AP of one junk-free ranking, straight from the definition."""
+    hits = np.flatnonzero(is_match)
+    terms = [((i - 1) / r if r > 0 else 1.0) / 2 + i / (r + 1) / 2 for i, r in enumerate(hits, start=1)]
+    return float(np.mean(terms))
+
+
+def test_rank_gallery_orders_agree_with_evaluate():
+    qf, qp, qc, gf, gp, gc = random_split(3, quantised=True)  # ties everywhere
+    result = evaluate(qf, qp, qc, gf, gp, gc)
+    distances = -(qf.astype(np.float64) @ gf.T.astype(np.float64))  # exact: small integers
+    aps = []
+    for q in np.flatnonzero(result.evaluated_mask):
+        ranked = rank_gallery(qf[q], qp[q], qc[q], gf, gp, gc)
+        by_distance = rank_gallery_by_distance(distances[q], qp[q], qc[q], gp, gc)
+        np.testing.assert_array_equal(ranked.order, by_distance.order)
+        aps.append(ap_from_ranking(ranked.is_match))
+    np.testing.assert_allclose(result.ap, aps, rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluate (float32 scores + exact re-check of close calls) must equal the float64 loop bit for bit
+# --------------------------------------------------------------------------------------------------
+
+
+def assert_identical(a: Evaluation, b: Evaluation) -> None:
+    np.testing.assert_array_equal(a.evaluated_mask, b.evaluated_mask)
+    np.testing.assert_array_equal(a.cmc, b.cmc)
+    np.testing.assert_array_equal(a.ap, b.ap)
+    assert a.mAP == b.mAP
+
+
+def market_like(seed: int, nq: int = 40, ng: int = 300, dim: int = 64, num_ids: int = 12):
+    """A small Market-like split: identities seen by several cameras, distractors (0) and junk (-1)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((num_ids + 1, dim))
+    qp, qc = rng.integers(1, num_ids + 1, nq), rng.integers(1, 7, nq)
+    gp, gc = rng.integers(-1, num_ids + 1, ng), rng.integers(1, 7, ng)
+    qf = centres[qp] + 1.5 * rng.standard_normal((nq, dim))
+    gf = centres[np.maximum(gp, 0)] + 1.5 * rng.standard_normal((ng, dim))
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    return unit(qf), qp, qc, unit(gf), gp, gc
+
+
+def near_ties(seed: int, precision: type = np.float32, step: float | None = None, cancel: bool = False):
+    """Every true match has a wrong "twin" just before it in the gallery whose exact score is a hair lower.
+
+    The twin is the match with one coordinate moved against the query: by one float32 ulp, or by ``step``
+    (relative) for float64 features. float32 scores cannot tell such pairs apart -- they come out equal
+    (gallery order then puts the twin first) or in either order -- while float64 can. Queries and pairs are
+    scaled by powers of two from 1/4 to 4, so the features are not unit-norm (the bound must use the norms).
+    With ``cancel`` the matches are nearly orthogonal to their query: a small score made of large terms, so
+    float32 rounding errs by many of the score's own ulps (far more than a tie).
+    """
+    rng = np.random.default_rng(seed)
+    nq, per_query, dim = 12, 3, 128
+    qf = rng.standard_normal((nq, dim)) * 2.0 ** rng.integers(-2, 3, (nq, 1))
+    qf = qf.astype(precision)
+    rows, pids = [], []
+    for q in range(nq):
+        for _ in range(per_query):
+            match = qf[q] + 0.8 * rng.standard_normal(dim)
+            if cancel:
+                query = qf[q].astype(np.float64)
+                match = match - (match @ query / (query @ query) - 0.01) * query
+            match = (match * 2.0 ** rng.integers(-2, 3)).astype(precision)
+            k = int(np.argmax(np.abs(qf[q])))
+            twin, direction = match.copy(), -np.sign(qf[q, k])
+            if step is None:
+                twin[k] = np.nextafter(twin[k], precision(direction * np.inf))
+            else:
+                twin[k] += direction * step * abs(twin[k])
+            rows += [twin, match]
+            pids += [100 + q, q + 1]  # a wrong person, then the query's person
+    cams = np.full(len(rows), 2)
+    return qf, np.arange(1, nq + 1), np.ones(nq, dtype=int), np.array(rows, dtype=precision), np.array(pids), cams
+
+
+def twins_after_matches(data) -> bool:
+    """In the float64 ranking, does every match come before its twin (the item just before it)?"""
+    qf, qp, qc, gf, gp, gc = data
+    for q in range(len(qf)):
+        position = np.argsort(rank_gallery(qf[q], qp[q], qc[q], gf, gp, gc).order)
+        matches = np.flatnonzero(gp == qp[q])
+        if not (position[matches] < position[matches - 1]).all():
+            return False
+    return True
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("ap", ["market", "step"])
+def test_evaluate_equals_naive_exactly(seed, ap):
+    data = market_like(seed)
+    reference = evaluate_naive(*data, ap=ap)
+    for chunk_size in (None, 1, 7):
+        assert_identical(evaluate(*data, ap=ap, chunk_size=chunk_size), reference)
+    for quantised in (True, False):
+        small = random_split(seed, quantised)
+        assert_identical(evaluate(*small, ap=ap), evaluate_naive(*small, ap=ap))
+
+
+NEAR_TIES = pytest.mark.parametrize(
+    ("precision", "step", "cancel"),
+    [
+        (np.float32, None, False),
+        (np.float32, None, True),
+        (np.float64, 1e-7, True),
+        (np.float64, 1e-10, False),
+        (np.float64, 1e-13, False),
+    ],
+    ids=["f32-ulp", "f32-ulp-cancel", "f64-1e-7-cancel", "f64-1e-10", "f64-1e-13"],
+)
+
+
+@NEAR_TIES
+def test_near_ties_are_ranked_in_float64(precision, step, cancel):
+    data = near_ties(0, precision, step, cancel)
+    assert twins_after_matches(data)
+    reference = evaluate_naive(*data)
+    for chunk_size in (None, 5):
+        assert_identical(evaluate(*data, chunk_size=chunk_size), reference)
+
+
+def test_near_ties_fool_float32_alone(monkeypatch):
+    """The test above can fail: break either half of the re-check and the twins are misranked.
+
+    Without the error bound (only float32 ties get a second look), the cancelling case goes wrong; with the
+    bound but a float32 re-check, the plain case does.
+    """
+    cancelling = near_ties(0, np.float32, cancel=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(metrics, "_gamma", lambda n, unit_roundoff: 0.0)
+        assert not np.array_equal(evaluate(*cancelling).ap, evaluate_naive(*cancelling).ap)
+    plain = near_ties(0, np.float32)
+    with monkeypatch.context() as patch:
+
+        def in_float32(left, right):
+            return np.einsum("ij,ij->i", left.astype(np.float32), right.astype(np.float32)).astype(np.float64)
+
+        patch.setattr(metrics, "_dot_pairs", in_float32)
+        assert not np.array_equal(evaluate(*plain).ap, evaluate_naive(*plain).ap)
+
+
+def test_exact_ties_keep_gallery_order():
+    """Duplicated gallery rows score exactly equal, wherever they sit (also among BLAS's last rows)."""
+    qf, qp, qc, gf, gp, gc = market_like(4, ng=203)
+    rng = np.random.default_rng(4)
+    copies = rng.integers(0, len(gf), 60)
+    gf = np.concatenate([gf, gf[copies]])  # the same rows again at the end, under other labels
+    gp = np.concatenate([gp, rng.integers(-1, 13, 60)])
+    gc = np.concatenate([gc, rng.integers(1, 7, 60)])
+    for ap in ("market", "step"):
+        assert_identical(evaluate(qf, qp, qc, gf, gp, gc, ap=ap), evaluate_naive(qf, qp, qc, gf, gp, gc, ap=ap))
+    scores = metrics._dot_rows(gf.astype(np.float64), qf[0].astype(np.float64))
+    np.testing.assert_array_equal(scores[len(gf) - 60 :], scores[copies])
+
+
+def test_dot_pairs_round_like_dot_rows():
+    """evaluate re-scores pairs with _dot_pairs; the loop scores rows with _dot_rows: the same bits."""
+    rng = np.random.default_rng(5)
+    gallery, queries = rng.standard_normal((257, 512)), rng.standard_normal((3, 512))
+    for q in range(3):
+        full = metrics._dot_rows(gallery, queries[q])
+        picked = rng.integers(0, len(gallery), 50)
+        pairs = metrics._dot_pairs(gallery[picked], np.repeat(queries[q : q + 1], 50, axis=0))
+        np.testing.assert_array_equal(pairs, full[picked])
+        np.testing.assert_array_equal(metrics._dot_rows(gallery[picked], queries[q]), full[picked])
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-6, 1e6, 1e30, 1e150])
+def test_extreme_feature_magnitudes(magnitude):
+    """float32 cannot hold these products; evaluate rescales by powers of two and still matches float64."""
+    qf, qp, qc, gf, gp, gc = market_like(6)
+    rng = np.random.default_rng(6)
+    gf = gf.astype(np.float64) * magnitude * rng.uniform(0.5, 2.0, (len(gf), 1))
+    qf = qf.astype(np.float64) * rng.uniform(0.5, 2.0, (len(qf), 1)) / np.sqrt(magnitude)
+    assert_identical(evaluate(qf, qp, qc, gf, gp, gc), evaluate_naive(qf, qp, qc, gf, gp, gc))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_distances_rank_exactly(dtype):
+    """evaluate_from_distance on the loop's own float64 scores, near-ties and ties included, equals the loop."""
+    for data in (near_ties(1, np.float64, 1e-13), market_like(7), random_split(7, quantised=True)):
+        qf, qp, qc, gf, gp, gc = data
+        scores = np.stack([metrics._dot_rows(gf.astype(np.float64), q) for q in qf.astype(np.float64)])
+        if dtype == np.float32:  # float32 distances are ranked as given: compare with the loop on those
+            scores = scores.astype(np.float32).astype(np.float64)
+            reference = evaluate_from_distance(-scores, qp, qc, gp, gc, chunk_size=3)
+        else:
+            reference = evaluate_naive(*data)
+        assert_identical(evaluate_from_distance((-scores).astype(dtype), qp, qc, gp, gc), reference)
+
+
+def test_distance_magnitudes_do_not_matter():
+    """Scaling distances by a power of two changes no comparison; far-out ones are rescaled before float32."""
+    qf, qp, qc, gf, gp, gc = near_ties(2, np.float64, 1e-12)
+    dist = -(qf @ gf.T)
+    reference = evaluate_from_distance(dist, qp, qc, gp, gc)
+    for exponent in (-900, -100, 100, 900):
+        assert_identical(evaluate_from_distance(np.ldexp(dist, exponent), qp, qc, gp, gc), reference)
