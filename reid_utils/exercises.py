@@ -6,8 +6,8 @@ The hint names the failing input, the expected value and the returned one, and w
 typical mistake it says which. The learner's exceptions become a ``✗ not yet:`` line, never a traceback.
 
 The expected values come from the library wherever it has them (``parse_market_name``, the real
-``ClassBlock``, ``metrics.evaluate``); the skip rule is a one-line copy of ``train_one_phase``'s that the tests
-hold to the training loop, and k-reciprocal neighbours a plain reference below. The checkers use fixed inputs
+``ClassBlock``, ``metrics.evaluate``, the training loop ``train.train_one_phase``); k-reciprocal neighbours come
+from a plain reference below. The checkers use fixed inputs
 and leave the global random state alone, so their output is the same on every run.
 """
 
@@ -209,52 +209,171 @@ def check_classblock_parameters(fn: Callable[[int, int, int], int]) -> bool:
     return _run("classblock_parameters", fn, CLASSBLOCK_CASES, lambda f, case: f(*case), _judge_classblock)
 
 
-# --------------------------------------------------------------------------- 03 · should_skip
-
-# (batch_images, batch_size, phase); 23 is the short last batch of notebook 03 (407 images in batches of 32).
-SHOULD_SKIP_CASES = (
-    (23, 32, "train"),
-    (32, 32, "train"),
-    (23, 32, "val"),
-    (1, 32, "train"),
-    (16, 16, "val"),
-    (1, 16, "val"),
-    (31, 32, "train"),
-    (8, 8, "train"),
-)
+# --------------------------------------------------------------------------- 03 · run_phase
 
 
-def skip_rule(batch_images: int, batch_size: int, phase: str) -> bool:
-    """The rule of ``reid_utils.train.train_one_phase``: only a short *training* batch is skipped.
+class _Batches(list):
+    """Fixed batches with the ``batch_size`` their loader was made with, as a DataLoader hands them out."""
 
-    A copy, so that the checker does not depend on the training loop's signature; ``tests/test_exercises.py``
-    runs ``train_one_phase`` on the cases above to prove the two agree.
-    """
-    return phase == "train" and batch_images < batch_size
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int) -> None:
+        super().__init__(batches)
+        self.batch_size = batch_size
 
 
-def _judge_skip(case: tuple[int, int, str], outcome: Any) -> str | None:
-    batch_images, batch_size, phase = case
-    expected = skip_rule(*case)
-    call = f"should_skip(batch_images={batch_images}, batch_size={batch_size}, phase={phase!r})"
+def _phase_setup(seed: int = 0) -> dict[str, Any]:
+    """A tiny network with BatchNorm and dropout (so the train/eval switch matters), SGD with momentum, and
+    loaders whose last training batch is short -- made the same way for the learner's loop and the library's."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def batches(sizes: Sequence[int], batch_size: int) -> _Batches:
+        return _Batches(
+            [(torch.randn(n, 3, 2, 2, generator=generator), torch.randint(0, 5, (n,), generator=generator))
+             for n in sizes],
+            batch_size,
+        )  # fmt: skip
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Sequential(
+            nn.Flatten(), nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 5)
+        )  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return {
+        "model": model, "optimizer": optimizer, "criterion": nn.CrossEntropyLoss(),
+        "loaders": {"train": batches((4, 4, 4, 4, 2), 4), "val": batches((4, 4, 3), 4)},
+    }  # fmt: skip
+
+
+def _one_epoch(step: Callable, seed: int) -> dict[str, Any]:
+    """One epoch (train, then val) with ``step(setup, phase, y_loss, y_err) -> (loss, accuracy)``, dropout seeded."""
+    setup = _phase_setup(seed)
+    y_loss: dict[str, list] = {"train": [], "val": []}
+    y_err: dict[str, list] = {"train": [], "val": []}
+    returned = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 100)
+        for phase in ("train", "val"):
+            returned[phase] = step(setup, phase, y_loss, y_err)
+    weights = [p.detach().clone() for p in setup["model"].parameters()]
+    buffers = [b.detach().clone() for b in setup["model"].buffers()]
+    return {"returned": returned, "y_loss": y_loss, "y_err": y_err, "weights": weights, "buffers": buffers}
+
+
+def _library_step(setup: dict, phase: str, y_loss: dict, y_err: dict) -> tuple[float, float]:
+    """The truth: ``reid_utils.train.train_one_phase``, with the classic script's bookkeeping of the history."""
+    from reid_utils.train import train_one_phase
+
+    result = train_one_phase(
+        setup["model"], setup["loaders"][phase], phase, setup["criterion"], setup["optimizer"], torch.device("cpu")
+    )
+    y_loss[phase].append(result.loss)
+    y_err[phase].append(1.0 - result.accuracy)
+    return result.loss, result.accuracy
+
+
+def _variant_step(*, skip: bool = True, switch: bool = True, zero_grad: bool = True, val_step: bool = False,
+                  divide_by_all: bool = False) -> Callable:  # fmt: skip
+    """The loop with one typical mistake, only to name it in a hint (the truth is the library's loop)."""
+
+    def step(setup: dict, phase: str, y_loss: dict, y_err: dict) -> tuple[float, float]:
+        model, loader = setup["model"], setup["loaders"][phase]
+        if switch:
+            model.train(phase == "train")
+        running_loss, running_corrects, seen, total = 0.0, 0, 0, 0
+        for inputs, labels in loader:
+            total += len(labels)
+            if skip and phase == "train" and len(labels) < loader.batch_size:
+                continue
+            if phase == "train" and zero_grad:
+                setup["optimizer"].zero_grad()
+            with torch.set_grad_enabled(phase == "train" or val_step):
+                outputs = model(inputs)
+                loss = setup["criterion"](outputs, labels)
+            if phase == "train" or val_step:
+                loss.backward()
+                setup["optimizer"].step()
+            running_loss += loss.item() * len(labels)
+            running_corrects += (outputs.argmax(dim=1) == labels).sum().item()
+            seen += len(labels)
+        count = total if divide_by_all else seen
+        y_loss[phase].append(running_loss / count)
+        y_err[phase].append(1.0 - running_corrects / count)
+        return running_loss / count, running_corrects / count
+
+    return step
+
+
+_PHASE_MISTAKES = (
+    (dict(skip=False), "skip the short last training batch (fewer images than loader.batch_size): "
+                       "`if phase == \"train\" and inputs.size(0) < loader.batch_size: continue`"),
+    (dict(divide_by_all=True), "divide the sums by the images actually used, not by all the images of the loader "
+                               "(the skipped batch was not counted)"),
+    (dict(switch=False), "switch the mode first: model.train(phase == \"train\") -- in val, dropout must be off and "
+                         "BatchNorm must use its running statistics"),
+    (dict(val_step=True), "only the train phase calls loss.backward() and optimizer.step(): val only measures"),
+    (dict(zero_grad=False), "call optimizer.zero_grad() before each training step: otherwise every step adds "
+                            "the gradients of all the steps before"),
+)  # fmt: skip
+
+RUN_PHASE_SEEDS = (0, 1, 2)
+
+
+def _close(a: Any, b: Any, tolerance: float = 1e-6) -> bool:
+    return _is_real(a) and _is_real(b) and math.isclose(float(a), float(b), rel_tol=0, abs_tol=tolerance)
+
+
+def _same_run(learner: dict, truth: dict) -> str | None:
+    """What differs between two epochs, in words (naming the call), or None."""
+    for phase in ("train", "val"):
+        call = f"run_phase(..., phase={phase!r}, ...)"
+        returned = learner["returned"][phase]
+        expected = truth["returned"][phase]
+        if not (isinstance(returned, tuple | list) and len(returned) == 2):
+            return f"{call} should return (loss, accuracy), got {_shown(returned)}"
+        for what, got, want in (("loss", returned[0], expected[0]), ("accuracy", returned[1], expected[1])):
+            if not _close(got, want):
+                return f"{call} should give the {what} {want:.6f}, got {_shown(got)}"
+        for name, history, value in (("y_loss", learner["y_loss"], expected[0]),
+                                     ("y_err", learner["y_err"], 1 - expected[1])):  # fmt: skip
+            if len(history[phase]) != 1 or not _close(history[phase][0], value):
+                got = _shown(history[phase])
+                return f"{call} should append {value:.6f} to {name}[{phase!r}] (the epoch's value), got {got}"
+    for mine, right in zip(learner["weights"] + learner["buffers"], truth["weights"] + truth["buffers"], strict=True):
+        if not torch.allclose(mine, right, atol=1e-6):
+            return (
+                "run_phase(..., phase='train', ...) should leave the weights the library's loop leaves: loss and "
+                "accuracy agree, the weights do not"
+            )
+    return None
+
+
+def _epoch_of(fn: Callable, seed: int) -> dict[str, Any]:
+    """One epoch (train, then val) of the learner's ``run_phase`` on the checker's network and batches."""
+
+    def step(setup: dict, phase: str, y_loss: dict, y_err: dict) -> Any:
+        return fn(setup["model"], setup["loaders"][phase], phase, setup["criterion"], setup["optimizer"],
+                  torch.device("cpu"), y_loss, y_err)  # fmt: skip
+
+    return _one_epoch(step, seed)
+
+
+def _judge_run_phase(seed: int, outcome: Any) -> str | None:
     if isinstance(outcome, _Raised):
-        return f"{call} should return {expected}, but {_shown(outcome)}"
-    if not isinstance(outcome, bool | np.bool_):
-        return f"{call} should return {expected}, got {_shown(outcome)} — return True or False"
-    if bool(outcome) == expected:
+        return f"run_phase(..., phase='train', ...) should run an epoch, but {_shown(outcome)}"
+    problem = _same_run(outcome, _one_epoch(_library_step, seed))
+    if problem is None:
         return None
-    if phase != "train":
-        why = "only the train phase skips: a short val batch is still measured (nothing is trained on it)"
-    elif batch_images == batch_size:
-        why = "a full batch is always used: skip only when batch_images < batch_size"
-    else:
-        why = "a short training batch is skipped: BatchNorm would get noisy statistics and each image would weigh more"
-    return f"{call} should return {expected}, got {_shown(outcome)} — {why}"
+    for changes, hint in _PHASE_MISTAKES:
+        if _same_run(outcome, _one_epoch(_variant_step(**changes), seed)) is None:
+            return f"{problem} — {hint}"
+    return problem
 
 
-def check_should_skip(fn: Callable[[int, int, str], bool]) -> bool:
-    """Notebook 03: ``should_skip(batch_images, batch_size, phase)``, the rule of ``train_one_phase``."""
-    return _run("should_skip", fn, SHOULD_SKIP_CASES, lambda f, case: f(*case), _judge_skip)
+def check_run_phase(fn: Callable) -> bool:
+    """Notebook 03: ``run_phase(model, loader, phase, criterion, optimizer, device, y_loss, y_err)``, one phase of
+    one epoch as the classic ``train.py`` writes it, against ``reid_utils.train.train_one_phase`` on the same
+    seeds, network and batches (loss and accuracy equal to 1e-6, the same weights afterwards)."""
+    return _run("run_phase", fn, RUN_PHASE_SEEDS, _epoch_of, _judge_run_phase)
 
 
 # --------------------------------------------------------------------------- 04 · average_precision

@@ -142,6 +142,23 @@ def evaluate_features(query: FeatureSet, gallery: FeatureSet, ap: str = "market"
     return evaluate(query.features, query.pids, query.cams, gallery.features, gallery.pids, gallery.cams, ap=ap)
 
 
+def evaluate_run(
+    run: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    backend: DataBackend | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+) -> Evaluation:
+    """A trained run's CMC and mAP on a prepared folder: rebuild, extract query and gallery features, evaluate."""
+    model, opts = load_trained_model(run, device)
+    sets = [
+        extract_features(model, evaluation_loader(Path(data_dir) / split, opts.height, opts.width, batch_size, backend),
+                         device=device)
+        for split in ("query", "gallery")
+    ]  # fmt: skip
+    return evaluate_features(*sets)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reid_utils.test", description="Evaluate a trained run.")
     parser.add_argument("--name", default="ft_ResNet50", help="the --name used for training")

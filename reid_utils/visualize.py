@@ -1,8 +1,11 @@
-"""Pictures: image grids for the data notebook and the live training curves."""
+"""Pictures: image grids, the live training curves, ranked lists and a query browser."""
 
 from __future__ import annotations
 
+import base64
+import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -42,7 +45,7 @@ class TrainingCurves:
         for phase, style in (("train", "o-"), ("val", "s-")):
             ax_loss.plot(epochs, history[f"{phase}_loss"], style, ms=3, label=phase)
             ax_err.plot(epochs, history[f"{phase}_err"], style, ms=3, label=phase)
-        ax_loss.set(title="loss (log scale)", xlabel="epoch", yscale="log")
+        ax_loss.set(title="loss", xlabel="epoch", ylim=(0, None))
         ax_err.set(title="top-1 error", xlabel="epoch", ylim=(0, 1))
         for ax in (ax_loss, ax_err):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -140,3 +143,62 @@ def ap_histogram(ap_values, bins: int = 20, title: str = "AP per query") -> plt.
     ax.set(xlabel="average precision", ylabel="queries", title=title)
     fig.tight_layout()
     return fig
+
+
+class QueryBrowser:
+    """Step through the queries: a slider picks one, its ranked list is drawn with its AP.
+
+    ``draw(q)`` makes the figure of query ``q`` (e.g. ``ranked_lists([...])``). In Jupyter with ipywidgets this
+    is a slider above the picture, redrawn when the slider moves (the picture is an image widget whose value is
+    replaced: one output, updated in place). Wherever widgets do not run -- a static HTML page, GitHub, nbval, a
+    kernel without ipywidgets -- the same output shows the picture of the query the slider is on: it travels
+    with the widget as a PNG in the same output.
+    """
+
+    def __init__(self, draw: Callable[[int], plt.Figure], count: int, start: int = 0) -> None:
+        if count < 1:
+            raise ValueError("QueryBrowser needs at least one query.")
+        self.draw, self.count = draw, count
+        self.query = start
+        self._png = self.render(start)
+        self.widget = None
+        try:
+            import ipywidgets as widgets
+        except ImportError:  # the picture alone
+            return
+        self.slider = widgets.IntSlider(value=start, min=0, max=count - 1, description="query",
+                                        continuous_update=False)  # fmt: skip
+        self.image = widgets.Image(value=self._png, format="png")
+        self.slider.observe(lambda change: self._draw(change["new"]), names="value")
+        self.widget = widgets.VBox([self.slider, self.image])
+
+    def render(self, query: int) -> bytes:
+        """The picture of one query as PNG bytes (the figure is closed: nothing else is displayed)."""
+        fig = self.draw(query)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=72, bbox_inches="tight")
+        plt.close(fig)
+        return buffer.getvalue()
+
+    def show(self, query: int) -> None:
+        """Go to another query, as moving the slider does."""
+        if not 0 <= query < self.count:
+            raise ValueError(f"query must be between 0 and {self.count - 1}, got {query}.")
+        if self.widget is not None:
+            self.slider.value = query  # its observer draws
+        else:
+            self._draw(query)
+
+    def _draw(self, query: int) -> None:
+        self.query = query
+        self._png = self.render(query)
+        if self.widget is not None:
+            self.image.value = self._png
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        text = f"QueryBrowser over {self.count} queries, showing query {self.query} (move the slider in Jupyter)"
+        bundle = {"text/plain": text, "image/png": base64.b64encode(self._png).decode("ascii")}
+        if self.widget is not None:
+            view = self.widget._repr_mimebundle_(include=include, exclude=exclude)
+            bundle["application/vnd.jupyter.widget-view+json"] = view["application/vnd.jupyter.widget-view+json"]
+        return bundle

@@ -17,7 +17,6 @@ import nbformat
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from reid_utils import exercises
 from reid_utils.exercises import NOT_YET, STILL_A_STUB
@@ -31,7 +30,7 @@ NOTEBOOKS = ROOT / "notebooks"
 EXERCISES = {
     "01": ("parse_name", exercises.check_parse_name),
     "02": ("classblock_parameters", exercises.check_classblock_parameters),
-    "03": ("should_skip", exercises.check_should_skip),
+    "03": ("run_phase", exercises.check_run_phase),
     "04": ("average_precision", exercises.check_average_precision),
     "05": ("k_reciprocal", exercises.check_k_reciprocal),
     "06": ("smoothed_target", exercises.check_smoothed_target),
@@ -40,7 +39,7 @@ CHECKERS = {name: check for name, check in EXERCISES.values()}
 CASES = {
     "parse_name": exercises.PARSE_NAME_CASES,
     "classblock_parameters": exercises.CLASSBLOCK_CASES,
-    "should_skip": exercises.SHOULD_SKIP_CASES,
+    "run_phase": exercises.RUN_PHASE_SEEDS,
     "average_precision": exercises.AVERAGE_PRECISION_CASES,
     "k_reciprocal": exercises.K_RECIPROCAL_CASES,
     "smoothed_target": exercises.SMOOTHED_TARGET_CASES,
@@ -73,7 +72,7 @@ def one_line(capsys) -> str:
 
 
 @pytest.mark.parametrize("prefix", EXERCISES)
-def test_exercise_sits_before_quick_questions_as_task_solution_check(prefix):
+def test_exercise_is_task_solution_check_before_the_quick_questions(prefix):
     name, check = EXERCISES[prefix]
     nb = notebook(prefix)
     (solution,) = solution_cells(nb)
@@ -81,7 +80,8 @@ def test_exercise_sits_before_quick_questions_as_task_solution_check(prefix):
     task, checker, after = nb.cells[at - 1], nb.cells[at + 1], nb.cells[at + 2]
     assert task.cell_type == "markdown" and task.source.startswith("## Exercise") and f"`{name}(" in task.source
     assert checker.cell_type == "code" and f"{check.__name__}({name})" in checker.source
-    assert after.cell_type == "markdown" and after.source.strip() == "## Quick questions"
+    assert after.cell_type == "markdown"  # what follows: the quick questions, or (03) the rest of the loop
+    assert any(cell.source.strip() == "## Quick questions" for cell in nb.cells[at + 2 :])
     assert [o.get("text") for o in checker.outputs] == [f"✓ {name}: all {len(CASES[name])} cases pass\n"]
 
 
@@ -136,6 +136,34 @@ def _ap_no_special_case(is_match):
     return sum(((i - 1) / r + i / (r + 1)) / 2 for i, r in hits) / len(hits)
 
 
+def _phase_with(model, loader, phase, criterion, optimizer, device, y_loss, y_err, *, skip=True, switch=True,
+                zero_grad=True, val_step=False, divide_by_all=False, error=True):  # fmt: skip
+    """A learner's run_phase with one of the typical mistakes, written as a learner would."""
+    if switch:
+        model.train(phase == "train")
+    running_loss, running_corrects, seen = 0.0, 0, 0
+    for inputs, labels in loader:
+        if skip and phase == "train" and inputs.size(0) < loader.batch_size:
+            continue
+        if phase == "train" and zero_grad:
+            optimizer.zero_grad()
+        with torch.set_grad_enabled(phase == "train" or val_step):
+            outputs = model(inputs.to(device))
+            _, preds = torch.max(outputs, 1)
+            loss = criterion(outputs, labels)
+        if phase == "train" or val_step:
+            loss.backward()
+            optimizer.step()
+        running_loss += loss.item() * inputs.size(0)
+        running_corrects += int((preds == labels).sum())
+        seen += inputs.size(0)
+    images = sum(len(labels) for _, labels in loader) if divide_by_all else seen
+    epoch_loss, epoch_acc = running_loss / images, running_corrects / images
+    y_loss[phase].append(epoch_loss)
+    y_err[phase].append(1.0 - epoch_acc if error else epoch_acc)
+    return epoch_loss, epoch_acc
+
+
 def _nearest(dist, row, k):
     return {int(j) for j in np.argsort(dist[row], kind="stable")[:k]}
 
@@ -156,10 +184,13 @@ WRONG_ANSWERS = [
     ("classblock_parameters", lambda i, n, c: i * n + 2 * n + n * c, "both Linear layers have a bias"),
     ("classblock_parameters", lambda i, n, c: i * n + n + n * c + c, "BatchNorm1d has a weight and a bias"),
     ("classblock_parameters", lambda i, n, c: float(i * n + 3 * n + n * c + c), "a count is an int"),
-    ("should_skip", lambda b, s, phase: b < s, "only the train phase skips"),
-    ("should_skip", lambda b, s, phase: phase == "train" and b <= s, "a full batch is always used"),
-    ("should_skip", lambda b, s, phase: False, "a short training batch is skipped"),
-    ("should_skip", lambda b, s, phase: "yes" if b < s else "", "return True or False"),
+    ("run_phase", lambda *args: _phase_with(*args, skip=False), "skip the short last training batch"),
+    ("run_phase", lambda *args: _phase_with(*args, switch=False), "switch the mode first"),
+    ("run_phase", lambda *args: _phase_with(*args, zero_grad=False), "call optimizer.zero_grad()"),
+    ("run_phase", lambda *args: _phase_with(*args, val_step=True), "only the train phase calls loss.backward()"),
+    ("run_phase", lambda *args: _phase_with(*args, divide_by_all=True), "divide the sums by the images actually used"),
+    ("run_phase", lambda *args: _phase_with(*args, error=False), "should append"),
+    ("run_phase", lambda *args: _phase_with(*args)[0], "should return (loss, accuracy)"),
     ("average_precision", _ap_step, "that is the step AP"),
     ("average_precision", _ap_not_divided, "did not divide by the number of hits"),
     ("average_precision", _ap_one_based, "off by one in the rank"),
@@ -221,28 +252,25 @@ def test_checkers_leave_the_random_state_alone_and_print_the_same_line_twice(cap
 # --------------------------------------------------------------------------- the checkers' truths
 
 
-def test_skip_rule_is_the_rule_of_train_one_phase():
-    """The checker's copy of the rule against the training loop itself, one short batch after a full one."""
-    from reid_utils.train import train_one_phase
+def test_the_loop_checker_takes_its_truth_from_the_training_loop(monkeypatch, capsys):
+    """check_run_phase compares with reid_utils.train.train_one_phase itself: change the loop and the
+    learner's correct answer no longer matches."""
+    import reid_utils.train as train_module
 
-    class Batches(list):
-        """Two batches, as a DataLoader made with ``batch_size`` hands them out."""
+    solution = load(solution_cells(notebook("03"))[0].source, "run_phase")
+    assert exercises.check_run_phase(solution) is True
+    real = train_module.train_one_phase
 
-        def __init__(self, sizes, batch_size):
-            super().__init__((torch.zeros(n, 2), torch.zeros(n, dtype=torch.long)) for n in sizes)
-            self.batch_size = batch_size
+    def never_skips(model, loader, phase, *rest):
+        class All(list):
+            batch_size = 0  # no batch is shorter than this: nothing skipped
 
-    def skipped(batch_images, batch_size, phase):
-        model = nn.Linear(2, 3)
-        result = train_one_phase(
-            model, Batches((batch_size, batch_images), batch_size), phase, nn.CrossEntropyLoss(),
-            torch.optim.SGD(model.parameters(), lr=0.0), torch.device("cpu"),
-        )  # fmt: skip
-        return result.skipped == 1
+        return real(model, All(loader), phase, *rest)
 
-    for case in exercises.SHOULD_SKIP_CASES:
-        assert exercises.skip_rule(*case) == skipped(*case), case
-    assert {exercises.skip_rule(*case) for case in exercises.SHOULD_SKIP_CASES} == {True, False}
+    monkeypatch.setattr(train_module, "train_one_phase", never_skips)
+    capsys.readouterr()
+    assert exercises.check_run_phase(solution) is False
+    assert "phase='train'" in one_line(capsys)
 
 
 @pytest.mark.parametrize("is_match", exercises.AVERAGE_PRECISION_CASES)

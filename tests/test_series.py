@@ -99,3 +99,20 @@ def test_progress_bars_are_shown_as_they_ended(value, shown):
     show_progress_bars_as_they_ended(notebook)
     text = cell.outputs[0]["data"]["text/plain"]
     assert shown in text and "[00:22<00:00]" in text and "0/9100" not in text.replace(f"{value}/9100", "")
+
+
+def test_notebooks_03_and_04_under_another_profile_evaluate_the_run_03_trained(tmp_path, capsys):
+    """The real path's wiring, with a profile that fits the suite: 04 finds and evaluates 03's run of that profile."""
+    from reid_utils.data import repo_root
+    from reid_utils.runs import load_options
+
+    run = repo_root() / "model" / "cpu_quick"
+    assert main(["--profile", "cpu-quick", "--only", "03", "04", "--out", str(tmp_path)]) == 0
+    trained = load_options(run)
+    assert (trained.backbone, trained.height, trained.width, trained.total_epoch) == ("resnet18", 32, 16, 4)
+    evaluation = nbformat.read(tmp_path / "notebooks" / "04_evaluation.ipynb", as_version=4)
+    printed = "".join(o.get("text", "") for cell in evaluation.cells for o in cell.get("outputs", []))
+    assert "Using the model trained in notebook 03: model/cpu_quick/net_last.pth" in printed  # not trained again
+    assert "PROFILE = 'cpu-quick'" in "".join(cell.source for cell in evaluation.cells)
+    training = nbformat.read(tmp_path / "notebooks" / "03_training.ipynb", as_version=4)
+    assert "profile: cpu-quick" in "".join(o.get("text", "") for o in training.cells[3].outputs)

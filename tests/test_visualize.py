@@ -1,5 +1,7 @@
 """Training curves, image grids, ranked lists and AP histograms (drawn off-screen with Agg)."""
 
+import base64
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -71,7 +73,7 @@ def test_curves_plot_the_history():
     h = history(4)
     fig = TrainingCurves(live=False).draw(h)
     ax_loss, ax_err = fig.axes
-    assert ax_loss.get_yscale() == "log"
+    assert ax_loss.get_yscale() == "linear" and ax_loss.get_ylim()[0] == 0  # as the classic draw_curve, from 0
     for ax, key in ((ax_loss, "loss"), (ax_err, "err")):
         lines = {line.get_label(): line for line in ax.get_lines()}
         assert set(lines) == {"train", "val"}
@@ -161,3 +163,41 @@ def test_ap_histogram_counts_every_query(bins):
     assert bars[-1].get_x() + bars[-1].get_width() == pytest.approx(1.0)
     assert bars[0].get_height() == 0
     plt.close(fig)
+
+
+def test_the_query_browser_is_a_slider_with_the_picture_as_a_fallback(monkeypatch):
+    from reid_utils.visualize import QueryBrowser
+
+    drawn = []
+
+    def draw(query):
+        drawn.append(query)
+        fig, ax = plt.subplots(figsize=(2, 1))
+        ax.set_title(f"query {query}")
+        return fig
+
+    browser = QueryBrowser(draw, 7, start=2)
+    bundle = browser._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle  # JupyterLab shows the slider
+    png = base64.b64decode(bundle["image/png"])  # static pages and nbval show the picture
+    assert png.startswith(b"\x89PNG") and bundle["text/plain"].endswith("showing query 2 (move the slider in Jupyter)")
+    assert (browser.slider.min, browser.slider.max, browser.slider.value) == (0, 6, 2)
+    browser.slider.value = 5  # what a learner does
+    assert drawn == [2, 5] and browser.query == 5 and browser.image.value != png
+    assert base64.b64decode(browser._repr_mimebundle_()["image/png"]) == browser.image.value
+    browser.show(1)
+    assert browser.slider.value == 1 and drawn == [2, 5, 1]
+    with pytest.raises(ValueError, match="between 0 and 6"):
+        browser.show(7)
+    assert not plt.get_fignums()  # every figure closed: nothing else appears in the notebook
+
+    import builtins
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__",
+                        lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name)) if name == "ipywidgets"
+                        else real_import(name, *a, **k))  # fmt: skip
+    plain = QueryBrowser(draw, 3)  # no ipywidgets: the picture alone
+    assert set(plain._repr_mimebundle_()) == {"text/plain", "image/png"}
+    plain.show(2)
+    assert plain.query == 2
