@@ -201,3 +201,20 @@ def test_cli_data_dir_without_query_exits_2(trained_run, tmp_path, capsys):
     argv = ["--name", "tiny", "--data_dir", str(tmp_path), "--model_dir", str(trained_run.parent), "--gpu_ids", ""]
     err = _assert_one_line_error(main(argv), capsys)
     assert "query" in err
+
+
+def test_cli_fast_data_extracts_the_same_features(trained_run, tiny_prepared, tmp_path, capsys):
+    """``--fast_data`` decodes each image once and normalises whole batches: the very same input tensors, so the
+    very same features and numbers as the classic DataLoader."""
+    features = {}
+    for path, extra in (("classic", []), ("fast", ["--fast_data"])):
+        copy = tmp_path / path / "tiny"
+        shutil.copytree(trained_run, copy)
+        argv = ["--name", "tiny", "--data_dir", str(tiny_prepared), "--model_dir", str(copy.parent), "--gpu_ids", ""]
+        assert main([*argv, *extra]) == 0
+        features[path] = torch.load(copy / "features.pt", weights_only=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Rank@1")]
+    assert len(lines) == 2 and lines[0] == lines[1]
+    for split in ("query", "gallery"):
+        assert torch.equal(features["fast"][split]["features"], features["classic"][split]["features"])
+        assert features["fast"][split]["paths"] == features["classic"][split]["paths"]

@@ -66,13 +66,13 @@ def test_a_failing_notebook_is_one_line_and_kept_and_the_others_still_run(tmp_pa
     _notebook(folder, "01_fails", "x = 1", "raise ValueError('the data set is not where you said')", "print('never')")
     _notebook(folder, "02_slow", "import time", "time.sleep(30)")
     _notebook(folder, "03_works", "print('fine')")
-    code = main(["--notebooks", str(folder), "--out", str(tmp_path / "build"), "--timeout", "5"])
+    code = main(["--notebooks", str(folder), "--out", str(tmp_path / "build"), "--timeout", "3"])
     captured = capsys.readouterr()
     assert code == 2
     errors = [line for line in captured.err.splitlines() if line.startswith("series: error:")]
     assert len(errors) == 2 and "Traceback" not in captured.err and "\x1b[" not in captured.err
     assert "01_fails.ipynb, cell 2: ValueError: the data set is not where you said" in errors[0]
-    assert "02_slow.ipynb: a cell ran longer than --timeout 5 seconds" in errors[1]
+    assert "02_slow.ipynb: a cell ran longer than --timeout 3 seconds" in errors[1]
     kept = nbformat.read(tmp_path / "build" / "failed" / "01_fails.ipynb", as_version=4)
     assert kept.cells[1].execution_count == 1 and not kept.cells[3].get("outputs")  # as far as it ran
     summary = captured.out.splitlines()
