@@ -158,7 +158,7 @@ def test_prepare_given_a_folder_of_holiday_photos(tmp_path, capsys):
 
 def _start_cli(prepared: Path, model_dir: Path, *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "reid_utils.train", "--data_dir", str(prepared), "--model_dir",
-               str(model_dir), "--name", "killed", "--total_epoch", "6", "--save_every", "1", "--gpu_ids", "",
+               str(model_dir), "--name", "killed", "--total_epoch", "4", "--save_every", "1", "--gpu_ids", "",
                *FAST, *extra]  # fmt: skip
     # A child inherits an ignored SIGINT from a background parent (CI runners, job shells); give it the default
     # disposition back so Python turns Ctrl-C into KeyboardInterrupt, as in a terminal or Jupyter.
@@ -191,8 +191,8 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tiny_prepared, tmp_
     resumed_process = _start_cli(tiny_prepared, tmp_path, "--resume")
     resumed_out, resumed_err = resumed_process.communicate(timeout=300)
     assert resumed_process.returncode == 0, resumed_err
-    assert f"from {newest.name} (epoch {saved_epoch} of 6)" in resumed_out
-    assert torch.load(run / "net_last.pth", weights_only=False)["epoch"] == 6
+    assert f"from {newest.name} (epoch {saved_epoch} of 4)" in resumed_out
+    assert torch.load(run / "net_last.pth", weights_only=False)["epoch"] == 4
 
 
 def _twice(path: Path) -> nbformat.NotebookNode:
