@@ -1,4 +1,4 @@
-"""Checkers for the exercises at the end of notebooks 01-05.
+"""Checkers for the exercises of notebooks 01-06.
 
 Each notebook asks the learner to write one small function; ``check_<name>(fn)`` runs it on a few cases and
 prints exactly one line, ``✓ <name>: all N cases pass`` or ``✗ not yet: <hint>``, and returns True or False.
