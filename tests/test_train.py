@@ -233,10 +233,10 @@ def test_resume_is_exact_with_dataloader_workers_and_workers_change_nothing(tiny
 
     Each image's random crop, flip and erasing are seeded by (seed, epoch, image), not by the worker that
     loads it, and starting the workers draws nothing from the generator dropout uses: so the run with two
-    workers is the run without any, and resuming it with workers from the epoch-2 checkpoint ends with
+    workers is the run without any, and resuming it with workers from the epoch-1 checkpoint ends with
     exactly the same weights.
     """
-    changes = dict(total_epoch=4, save_every=2, erasing_p=0.5, color_jitter=True)
+    changes = dict(total_epoch=2, save_every=1, erasing_p=0.5, color_jitter=True)
     train(tiny_options(tiny_prepared, tmp_path / "workers", num_workers=2, **changes), quiet=True)
     train(tiny_options(tiny_prepared, tmp_path / "none", num_workers=0, **changes), quiet=True)
     with_workers = torch.load(tmp_path / "workers" / "tiny" / "net_last.pth", weights_only=False)
@@ -245,7 +245,7 @@ def test_resume_is_exact_with_dataloader_workers_and_workers_change_nothing(tiny
     for key, value in without["model"].items():
         assert torch.equal(with_workers["model"][key], value), key
 
-    for later in ("net_004.pth", "net_last.pth"):  # the run died after epoch 2
+    for later in ("net_002.pth", "net_last.pth"):  # the run died after epoch 1
         (tmp_path / "workers" / "tiny" / later).unlink()
     train(tiny_options(tiny_prepared, tmp_path / "workers", num_workers=2, **changes), resume=True, quiet=True)
     resumed = torch.load(tmp_path / "workers" / "tiny" / "net_last.pth", weights_only=False)
