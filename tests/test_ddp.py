@@ -49,7 +49,7 @@ def run_two_processes(tmp_path, data_dir, model_dir, changes: dict, resume: bool
 def test_two_gloo_processes_stay_identical_and_resume_exactly(tiny_prepared, tmp_path):
     # the fast data path with P x K batches: both are dealt out between the processes
     # (the classic path's DistributedSampler is checked in tests/test_data.py)
-    changes = {"total_epoch": 2, "fast_data": True, "triplet_weight": 1.0, "instances": 2}
+    changes = {"total_epoch": 2, "fast_data": True, "triplet_weight": 1.0, "instances": 2, "warm_epoch": 1}
     ranks = run_two_processes(tmp_path, tiny_prepared, tmp_path / "model", changes)
     assert ranks[0]["history"]["skipped"] == [0, 0]  # P x K batches are always full
     run = tmp_path / "model" / "ddp"
@@ -58,6 +58,9 @@ def test_two_gloo_processes_stay_identical_and_resume_exactly(tiny_prepared, tmp
     for key, value in saved["model"].items():
         assert torch.equal(value, ranks[0]["model"][key]), key
     first = torch.load(run / "net_001.pth", weights_only=False)
+    # warm-up counts each process's own steps: after warm_epoch = 1 epoch the loss is at full weight (counting
+    # the whole set's steps, as before, it would stop about halfway with two processes)
+    assert abs(first["state"]["warm_up"] - 1.0) < 1e-9
     processes = first["rng"]["processes"]  # every process's random state, not only rank 0's
     assert len(processes) == 2 and not torch.equal(processes[0]["torch"], processes[1]["torch"])
 

@@ -311,3 +311,31 @@ def test_fast_data_names_an_unreadable_image_and_honours_skip_corrupt(tiny_prepa
     assert err.startswith("train: error:") and victim.name in err and "--skip_corrupt" in err
     assert main([*args, "--skip_corrupt", "--num_workers", "2"]) == 0
     assert f"Skipped 1 unreadable image(s) in {data / 'train'}: {victim.name}" in capsys.readouterr().out
+
+
+def test_the_progress_bar_ends_at_its_total(tiny_prepared, tmp_path, monkeypatch):
+    """A bar that stops short turns red in Jupyter: the skipped short batches and a P x K epoch's own count are
+    counted, so a normal run ends at 100 %, resumed or not."""
+    bars = []
+
+    class Recorder:
+        def __init__(self, total, **kwargs):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, images):
+            self.n += images
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(train_module, "tqdm", Recorder)
+    train(tiny_options(tiny_prepared, tmp_path / "plain", total_epoch=2, save_every=1))  # not quiet: with a bar
+    train(tiny_options(tiny_prepared, tmp_path / "pk", total_epoch=2, save_every=1, triplet_weight=1.0, instances=2))
+    (tmp_path / "plain" / "tiny" / "net_last.pth").unlink()
+    (tmp_path / "plain" / "tiny" / "net_002.pth").unlink()
+    train(tiny_options(tiny_prepared, tmp_path / "plain", total_epoch=2, save_every=1), resume=True)
+    assert len(bars) == 3 and all(bar.n == bar.total > 0 for bar in bars), [(bar.n, bar.total) for bar in bars]
