@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision import datasets, transforms
 
 from reid_utils import synthetic
+from reid_utils.files import one_at_a_time
 from reid_utils.samplers import training_sampler
 
 # ImageNet statistics: the backbone was pre-trained on images normalised this way.
@@ -143,10 +144,16 @@ def find_dataset(
 def ensure_synthetic(path: str | os.PathLike) -> Path:
     """The default synthetic set at ``path``, generated only when missing or made with other settings."""
     path = Path(path)
-    summary = synthetic.read_summary(path)
     wanted = (0, synthetic.DEFAULT_TRAIN_IDS, synthetic.DEFAULT_TEST_IDS)
-    if summary is None or (summary.seed, summary.train_ids, summary.test_ids) != wanted:
-        synthetic.generate_market(path, overwrite=True)
+
+    def missing() -> bool:
+        summary = synthetic.read_summary(path)
+        return summary is None or (summary.seed, summary.train_ids, summary.test_ids) != wanted
+
+    if missing():
+        with one_at_a_time(path):  # two notebooks started at once: one draws the set, the other waits for it
+            if missing():
+                synthetic.generate_market(path, overwrite=True)
     return path
 
 

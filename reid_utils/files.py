@@ -77,6 +77,61 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+_waited_on: set[Path] = set()  # targets this process holds (an OS record lock cannot be taken twice by one process)
+if hasattr(os, "register_at_fork"):  # a forked child holds none of its parent's locks
+    os.register_at_fork(after_in_child=_waited_on.clear)
+
+
+@contextmanager
+def one_at_a_time(target: str | os.PathLike) -> Iterator[None]:
+    """Let one process at a time build ``target``; the others wait here, then find it built.
+
+    Two notebooks started at once on a fresh clone both want the synthetic set and its prepared tree;
+    without this both would draw it, and the second swap would pull the folder from under the first
+    one's readers. The lock is the OS's record lock on ``.NAME.lock`` beside the target (released when
+    the process ends in any way). The file is removed on release; a waiter that then holds a lock on a
+    removed file notices (another inode now has the name) and takes the lock again.
+    """
+    target = Path(target).absolute()
+    if target in _waited_on:  # already ours (nested use in one process)
+        yield
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = target.parent / f".{target.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        _wait_for_lock(fd)
+        try:
+            if os.name == "nt" or os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder before us removed this file: lock the new one
+    _waited_on.add(target)
+    try:
+        yield
+    finally:
+        _waited_on.discard(target)
+        if os.name != "nt":
+            path.unlink(missing_ok=True)  # before closing, so nobody else locks this file afterwards
+        os.close(fd)
+
+
+def _wait_for_lock(fd: int) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows: LK_LOCK retries for 10 s at a time
+        import msvcrt
+
+        while True:
+            try:
+                msvcrt.locking(fd, msvcrt.LK_LOCK, 1)
+                return
+            except OSError:
+                continue
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+
+
 def process_is_alive(pid: int) -> bool:
     """Whether a process with this id runs (on this machine). Unknown counts as alive: keep its files."""
     if pid == os.getpid():

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reid_utils.data import MARKET_FOLDERS, MarketNameError, display_path, parse_market_name
-from reid_utils.files import atomic_folder
+from reid_utils.files import atomic_folder, one_at_a_time
 
 FORMAT_VERSION = 1
 MARKER = "PREPARED.json"
@@ -128,6 +128,19 @@ def prepare_market(
     identities = {folder: len({pid for _, pid in items}) for folder, items in sorted(plan.items())}
     wanted = {"version": FORMAT_VERSION, "source": str(src.resolve()), "counts": counts}
 
+    reused = _reuse(dst, src, wanted, counts, identities, quiet)
+    if reused is not None:
+        return reused
+    with one_at_a_time(dst):  # a second process preparing the same tree waits, then reuses it
+        reused = _reuse(dst, src, wanted, counts, identities, quiet)
+        if reused is not None:
+            return reused
+        _build(dst, src, plan, wanted, identities, link, quiet)
+    return PrepareSummary(dst, counts, identities, reused=False)
+
+
+def _reuse(dst: Path, src: Path, wanted: dict, counts: dict, identities: dict, quiet: bool) -> PrepareSummary | None:
+    """The summary of an existing tree prepared from the same source, or None; refuses a folder of the user's."""
     marker = _read_marker(dst)
     if marker is not None and {k: marker.get(k) for k in wanted} == wanted:
         if not quiet:
@@ -135,7 +148,10 @@ def prepare_market(
         return PrepareSummary(dst, counts, identities, reused=True)
     if dst.exists() and marker is None and any(dst.iterdir()):
         raise PrepareError(f"{dst} exists and is not a prepared folder. Choose an empty or new --dst, or delete it.")
+    return None
 
+
+def _build(dst: Path, src: Path, plan: dict, wanted: dict, identities: dict, link: str, quiet: bool) -> None:
     with atomic_folder(dst) as tmp:  # replaces an older tree (other source or version) only at the end
         mode = link
         for folder, items in plan.items():
@@ -146,7 +162,6 @@ def prepare_market(
     if not quiet:
         how = {"hardlink": "hard links", "symlink": "symbolic links", "copy": "copies"}[mode]
         print(f"Prepared {display_path(dst)} from {display_path(src)} ({how}).")
-    return PrepareSummary(dst, counts, identities, reused=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,30 @@
-"""Shared fixtures; also switches weight downloads off for everything the tests start (kernels included)."""
+"""Shared fixtures; also switches weight downloads off for everything the tests start (kernels included).
+
+The suite runs on two pytest-xdist workers (``-n 2`` in pyproject.toml). Each notebook is one group, so
+its cells run in order in one kernel; notebooks 03-05 are one group, because 04 and 05 evaluate the run
+that 03 trains. Everything else may run on either worker.
+"""
+
+import os
 
 import pytest
 
 from reid_utils.series import use_test_environment
 
 use_test_environment()  # synthetic data, no downloads, no cached weights: the same outputs on every machine
+# Two workers share two cores here, two threads each: threads that wait sleep instead of spinning on a core
+# the other worker needs. (Only how idle threads wait; not a single number changes.)
+os.environ["OMP_WAIT_POLICY"] = "passive"
+
+NOTEBOOK_GROUPS = {"03": "03-05", "04": "03-05", "05": "03-05"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            number = item.path.name[:2]
+            item.add_marker(pytest.mark.xdist_group(NOTEBOOK_GROUPS.get(number, number)))
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,12 @@
+import multiprocessing
 import shutil
+import time
 from collections import Counter
 
 import pytest
 
 from reid_utils.data import parse_market_name
+from reid_utils.files import one_at_a_time
 from reid_utils.prepare import MARKER, PrepareError, main, prepare_market
 
 
@@ -136,3 +139,23 @@ def test_an_empty_image_is_refused_and_named(tiny_market, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("prepare: error:") and victim.name in err and "0 bytes" in err
     assert not (tmp_path / "prepared").exists()
+
+
+def _prepare_and_report(src, dst, queue) -> None:
+    queue.put(prepare_market(src, dst, quiet=True).reused)
+
+
+def test_a_second_process_preparing_the_same_tree_waits_and_reuses_it(tiny_market, tmp_path):
+    """Two notebooks started at once on a fresh clone: one builds the tree, the other waits and reuses it."""
+    dst = tmp_path / "prepared"
+    context = multiprocessing.get_context("fork")  # the child only moves files: no torch threads involved
+    queue = context.Queue()
+    with one_at_a_time(dst):  # this process is the one preparing
+        child = context.Process(target=_prepare_and_report, args=(tiny_market, dst, queue))
+        child.start()
+        time.sleep(1.0)
+        assert child.is_alive() and not dst.exists()  # it waits instead of drawing a second tree
+        assert not prepare_market(tiny_market, dst, quiet=True).reused  # nested in this process: no deadlock
+    child.join(60)
+    assert child.exitcode == 0 and queue.get(timeout=5) is True  # it found the tree built, and reused it
+    assert [p.name for p in tmp_path.iterdir()] == ["prepared"]  # no lock file or temporary left behind

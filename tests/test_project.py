@@ -1,6 +1,7 @@
 """Project hygiene: the two install lists agree, and the code is lint-clean."""
 
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -41,12 +42,15 @@ def test_ruff_is_clean():
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
 
 
-def test_every_cli_has_a_main_guard():
+def test_every_cli_has_a_main_guard(monkeypatch, capsys):
     for module in ("synthetic", "prepare", "train", "series"):
         source = (ROOT / "reid_utils" / f"{module}.py").read_text()
         assert 'if __name__ == "__main__":' in source, module
-    help_text = subprocess.run([sys.executable, "-m", "reid_utils.prepare", "--help"], capture_output=True, text=True)
-    assert help_text.returncode == 0 and "--src" in help_text.stdout
+    monkeypatch.setattr(sys, "argv", ["prepare", "--help"])
+    monkeypatch.delitem(sys.modules, "reid_utils.prepare", raising=False)  # run as __main__, not the imported one
+    with pytest.raises(SystemExit) as end:  # python -m reid_utils.prepare --help, without a second Python start
+        runpy.run_module("reid_utils.prepare", run_name="__main__")
+    assert end.value.code == 0 and "--src" in capsys.readouterr().out
 
 
 def _imported_modules(path: Path) -> set[str]:
