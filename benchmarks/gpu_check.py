@@ -26,6 +26,9 @@ seconds: what the test suite does to keep this script working.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 import platform
 import signal
 import subprocess
@@ -43,6 +46,7 @@ from reid_utils.runs import load_checkpoint
 from reid_utils.synthetic import generate_market, read_summary
 from reid_utils.test import evaluation_loader, extract_features, load_trained_model
 from reid_utils.train import PROFILES, TrainOptions, train
+from reid_utils.train import main as train_command
 
 SMOKE = {"backbone": "resnet18", "height": 48, "width": 24, "batchsize": 8, "lr": 0.01}  # CPU bf16 needs >= 48x24
 
@@ -85,21 +89,30 @@ def command_line(options: TrainOptions, **changes) -> list[str]:
 
 
 def killed_and_resumed(options: TrainOptions, work: Path) -> Path:
-    """The run again, as a command, killed right after its first checkpoint and resumed; returns its folder."""
+    """The run again, as a command, killed right after its first checkpoint, then resumed; returns its folder.
+
+    The killed run is a process of its own (SIGKILL: nothing of it gets to clean up); the resume runs in
+    this process, as ``python -m reid_utils.train ... --resume`` would. Both compute with this process's
+    thread count, so on a CPU the comparison with the uninterrupted run is exact.
+    """
     name = options.name + "_resumed"
-    command = [sys.executable, "-m", "reid_utils.train", *command_line(options, name=name, save_every=1), "--overwrite"]
+    flags = [*command_line(options, name=name, save_every=1), "--overwrite"]
     first = work / "runs" / name / "net_001.pth"
     first.unlink(missing_ok=True)
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    environment = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    process = subprocess.Popen([sys.executable, "-m", "reid_utils.train", *flags], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, env=environment)  # fmt: skip
     while not first.exists():
         if process.poll() is not None:
             raise SystemExit(f"the training command failed:\n{process.stderr.read()[-2000:]}")
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    resumed = subprocess.run([*command[:-1], "--resume"], capture_output=True, text=True)
-    if resumed.returncode != 0:
-        raise SystemExit(f"--resume failed:\n{resumed.stderr[-2000:]}")
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+        code = train_command([*flags[:-1], "--resume"])
+    if code != 0:
+        raise SystemExit(f"--resume failed:\n{said.getvalue()[-2000:]}")
     return work / "runs" / name
 
 

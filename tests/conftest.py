@@ -8,6 +8,7 @@ that 03 trains. Everything else may run on either worker.
 import os
 
 import pytest
+import torch
 
 from reid_utils.series import use_test_environment
 
@@ -15,6 +16,10 @@ use_test_environment()  # synthetic data, no downloads, no cached weights: the s
 # Two workers share two cores here, two threads each: threads that wait sleep instead of spinning on a core
 # the other worker needs. (Only how idle threads wait; not a single number changes.)
 os.environ["OMP_WAIT_POLICY"] = "passive"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The tests' own tiny models gain little from a second thread, and the other worker wants the core.
+    # (Kernels and command-line children still compute with OMP_NUM_THREADS=2, as the committed outputs did.)
+    torch.set_num_threads(1)
 
 NOTEBOOK_GROUPS = {"03": "03-05", "04": "03-05", "05": "03-05"}
 
