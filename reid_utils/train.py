@@ -71,7 +71,7 @@ from reid_utils.visualize import TrainingCurves
 # val loss jump to ~80 in epoch 2 (BatchNorm's running statistics lag behind the fast-moving weights).
 PROFILES = {
     "cpu-demo": {
-        "name": "cpu_demo", "backbone": "resnet18", "height": 64, "width": 32, "batchsize": 32, "total_epoch": 16,
+        "name": "cpu_demo", "backbone": "resnet18", "height": 64, "width": 32, "batchsize": 32, "total_epoch": 12,
         "lr": 0.02, "train_all": False, "gpu_ids": "", "save_every": 10,
     },
     "cpu-quick": {
