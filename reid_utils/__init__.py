@@ -20,7 +20,7 @@ Beside them, the extras:
 - ``speed``       -- mixed precision, the CPU's abilities, the allocator (06)
 - ``distributed`` -- several processes with ``torchrun`` (06)
 - ``own_data``    -- your own crops in the Market-1501 format (06)
-- ``files``       -- writing files and folders so that nothing is ever left half-written
+- ``files``       -- writing files and folders so that nothing is left half-written or built twice at once
 - ``exercises``, ``student``, ``series`` -- the classroom: checkers, the student copy, running every notebook
 """
 
