@@ -8,6 +8,7 @@ the solutions, clear the outputs, and leave notebooks that still run.
 
 import ast
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -446,10 +447,15 @@ def test_student_refuses_bad_output_folders(tmp_path, capsys):
     assert exit_info.value.code == 2
 
 
-def test_student_command_line_exit_code(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "reid_utils.student", "--out", "notebooks"], cwd=ROOT,
-                          capture_output=True, text=True)  # fmt: skip
-    assert done.returncode == 2 and "would replace the notebooks" in done.stderr and not done.stdout
+def test_student_command_line_exit_code(monkeypatch, capsys):
+    # python -m reid_utils.student --out notebooks, run as __main__ in this process (no second Python start)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["student", "--out", "notebooks"])
+    monkeypatch.delitem(sys.modules, "reid_utils.student", raising=False)
+    with pytest.raises(SystemExit) as end:
+        runpy.run_module("reid_utils.student", run_name="__main__")
+    captured = capsys.readouterr()
+    assert end.value.code == 2 and "would replace the notebooks" in captured.err and not captured.out
 
 
 def test_my_files_are_lint_clean():

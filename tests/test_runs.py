@@ -6,12 +6,12 @@ or in one clear line and exit code 2.
 """
 
 import math
+import multiprocessing
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import textwrap
+import time
 
 import pytest
 import torch
@@ -126,21 +126,23 @@ def test_a_second_training_into_a_run_in_use_is_refused(finished, tiny_prepared,
     assert train_cli.main([*args, "--resume", "--total_epoch", "3"]) == 0  # free again
 
 
+def _hold_the_lock(folder, locked) -> None:
+    RunLock(folder).__enter__()
+    locked.set()
+    time.sleep(60)
+
+
 def test_a_killed_training_leaves_no_stuck_lock(finished, tmp_path):
     copy = copy_run(finished, tmp_path)
-    holder = textwrap.dedent(f"""
-        import sys, time
-        from reid_utils.runs import RunLock
-        RunLock({str(copy)!r}).__enter__()
-        print("locked", flush=True)
-        time.sleep(60)
-    """)
-    process = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
-    assert process.stdout.readline().strip() == "locked"
+    context = multiprocessing.get_context("fork")  # another process holds the lock (it computes nothing)
+    locked = context.Event()
+    process = context.Process(target=_hold_the_lock, args=(copy, locked))
+    process.start()
+    assert locked.wait(30)
     with pytest.raises(TrainError, match="in use"), RunLock(copy):
         pass
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
+    process.kill()  # SIGKILL: the process gets no chance to let go
+    process.join(30)
     with RunLock(copy):  # the kernel released the killed process's lock
         pass
 
