@@ -100,7 +100,7 @@ def one_at_a_time(target: str | os.PathLike) -> Iterator[None]:
     path = target.parent / f".{target.name}.lock"
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        _wait_for_lock(fd)
+        lock_file(fd, wait=True)
         try:
             if os.name == "nt" or os.fstat(fd).st_ino == os.stat(path).st_ino:
                 break
@@ -117,19 +117,25 @@ def one_at_a_time(target: str | os.PathLike) -> Iterator[None]:
         os.close(fd)
 
 
-def _wait_for_lock(fd: int) -> None:
+def lock_file(fd: int, wait: bool) -> None:
+    """Take the OS's exclusive record lock on an open file (``lockf``; ``msvcrt.locking`` on Windows).
+
+    ``wait=False`` raises ``OSError`` at once when another process holds it (a run folder in use);
+    ``wait=True`` waits for it (a shared folder being built). The kernel releases it when the process ends.
+    """
     try:
         import fcntl
-    except ImportError:  # Windows: LK_LOCK retries for 10 s at a time
+    except ImportError:  # Windows: LK_LOCK itself gives up after 10 s, so keep asking
         import msvcrt
 
         while True:
             try:
-                msvcrt.locking(fd, msvcrt.LK_LOCK, 1)
+                msvcrt.locking(fd, msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
                 return
             except OSError:
-                continue
-    fcntl.lockf(fd, fcntl.LOCK_EX)
+                if not wait:
+                    raise
+    fcntl.lockf(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def process_is_alive(pid: int) -> bool:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from reid_utils.files import atomic_write
+from reid_utils.files import atomic_write, lock_file
 from reid_utils.model import BACKBONES
 
 OPTIONS_FILE = "opts.yaml"
@@ -331,7 +331,7 @@ class RunLock:
                 f"cannot write to {self.folder} ({err.strerror}): choose a --model_dir you can write to."
             ) from None
         try:
-            _lock(fd)
+            lock_file(fd, wait=False)
         except OSError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
             os.close(fd)
@@ -365,15 +365,3 @@ def remove_unused_run(folder: str | os.PathLike) -> None:
         folder.rmdir()  # only when nothing else (of the user's) is in it
     except OSError:
         pass
-
-
-def _lock(fd: int) -> None:
-    """Take an exclusive lock on an open file without waiting; ``OSError`` when someone else holds it."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        import msvcrt
-
-        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        return
-    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -13,8 +13,8 @@ import torch
 from reid_utils.series import use_test_environment
 
 use_test_environment()  # synthetic data, no downloads, no cached weights: the same outputs on every machine
-# Two workers share two cores here, two threads each: threads that wait sleep instead of spinning on a core
-# the other worker needs. (Only how idle threads wait; not a single number changes.)
+# Two workers share two cores here, and kernels compute with two threads: threads that wait sleep instead of
+# spinning on a core the other worker needs. (Only how idle threads wait; not a single number changes.)
 os.environ["OMP_WAIT_POLICY"] = "passive"
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # The tests' own tiny models gain little from a second thread, and the other worker wants the core.
