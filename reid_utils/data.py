@@ -342,7 +342,9 @@ class SeededSamples(Dataset):
     worker loaded it and on state no checkpoint can hold -- a resumed run would augment differently.
     Seeding every image from what it is makes the augmentation the same with 0, 2 or 8 workers, and
     resumable exactly. The global generator of the process is left as it was (``fork_rng``), so dropout
-    draws the same numbers with and without workers.
+    draws the same numbers with and without workers. Only the CPU generator is seeded: the transforms draw
+    from it alone, and ``torch.manual_seed`` would also re-seed the GPU's generator (which dropout on a GPU
+    draws from) at every image.
     """
 
     def __init__(self, dataset: datasets.ImageFolder, seed: int) -> None:
@@ -354,7 +356,7 @@ class SeededSamples(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, epoch = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derived_seed(self.seed, epoch, index))
+            torch.default_generator.manual_seed(derived_seed(self.seed, epoch, index))
             return self.dataset[index]
 
     @property

@@ -125,3 +125,15 @@ def test_sharded_dataloaders_split_each_epoch_between_processes(tiny_prepared):
         tiny_prepared, batch_size=4, height=32, width=16, instances=2, shard=(1, 2), backend=ClassicData(0)
     )
     assert pk[0]["train"].sampler.sampler.rank == 1 and pk[0]["train"].sampler.sampler.world == 2
+
+
+def test_loading_augmented_images_leaves_every_global_generator_alone(tiny_prepared, monkeypatch):
+    """Each image's augmentation is seeded from (seed, epoch, image) on a side generator state: the CPU generator
+    that dropout draws from is restored, and the GPU's is never re-seeded (on a GPU, dropout draws from it)."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    loaders, _, _ = build_dataloaders(tiny_prepared, batch_size=8, height=32, width=16, erasing_p=0.5, seed=0)
+    before = torch.get_rng_state()
+    first = next(iter(loaders["train"]))[0]
+    assert torch.equal(torch.get_rng_state(), before) and reseeded == []
+    assert torch.equal(next(iter(loaders["train"]))[0], first)  # the same epoch: the same augmented pixels
