@@ -23,7 +23,7 @@ from pathlib import Path
 
 from reid_utils.data import MARKET_ENV_VAR, display_path, is_market_folder, repo_root
 
-# What the tests run under (tests/conftest.py calls this too): the same outputs on every machine.
+# What the tests run under (conftest.py calls this too): the same outputs on every machine.
 # The committed outputs were computed with two threads (the CI machine's cores); a machine with more cores
 # computes the same numbers only with the same thread count (how a sum is split between threads).
 TEST_ENVIRONMENT = {"REID_OFFLINE": "1", "REID_DATASET": "synthetic", "OMP_NUM_THREADS": "2"}

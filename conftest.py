@@ -1,5 +1,8 @@
 """Shared fixtures; also switches weight downloads off for everything the tests start (kernels included).
 
+It sits at the root so that it also holds for `pytest notebooks/03_training.ipynb` alone (in tests/ it held
+only when tests/ was collected too; alone, a notebook's cells ran in two kernels and outside the test environment).
+
 The suite runs on two pytest-xdist workers (``-n 2`` in pyproject.toml). Each notebook is one group, so
 its cells run in order in one kernel; notebooks 03-05 are one group, because 04 and 05 evaluate the run
 that 03 trains. Everything else may run on either worker.
