@@ -171,20 +171,21 @@ def test_triplet_needs_several_images_per_identity(tiny_prepared, tmp_path):
 
 def test_fast_data_path_trains_and_resumes_exactly(tiny_prepared, tmp_path, monkeypatch):
     """The cached-tensor data path: same loop, learns, and resumes to the same weights."""
-    reference = train(tiny_options(tiny_prepared, tmp_path / "a", fast_data=True, channels_last=True), quiet=True)
+    fast = dict(fast_data=True, channels_last=True, total_epoch=2, save_every=1)
+    reference = train(tiny_options(tiny_prepared, tmp_path / "a", **fast), quiet=True)
     assert reference["train_loss"][-1] < reference["train_loss"][0]
     real_save = train_module.save_checkpoint
 
     def save_then_die(obj, path):
         real_save(obj, path)
-        if path.name == "net_002.pth":
+        if path.name == "net_001.pth":
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_options(tiny_prepared, tmp_path / "b", fast_data=True, channels_last=True), quiet=True)
+        train(tiny_options(tiny_prepared, tmp_path / "b", **fast), quiet=True)
     monkeypatch.setattr(train_module, "save_checkpoint", real_save)
-    train(tiny_options(tiny_prepared, tmp_path / "b", fast_data=True, channels_last=True), resume=True, quiet=True)
+    train(tiny_options(tiny_prepared, tmp_path / "b", **fast), resume=True, quiet=True)
     expected = torch.load(tmp_path / "a" / "tiny" / "net_last.pth", weights_only=False)["model"]
     resumed = torch.load(tmp_path / "b" / "tiny" / "net_last.pth", weights_only=False)["model"]
     for key, value in expected.items():
