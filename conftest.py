@@ -25,6 +25,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 NOTEBOOK_GROUPS = {"03": "03-05", "04": "03-05", "05": "03-05"}
+# Modules whose module-scoped fixtures train a run: on one worker, that run is trained once, not once per worker.
+MODULES_ON_ONE_WORKER = {"test_train.py", "test_runs.py", "test_evaluation.py"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
@@ -33,6 +35,8 @@ def pytest_collection_modifyitems(config, items):
         if item.path.suffix == ".ipynb":
             number = item.path.name[:2]
             item.add_marker(pytest.mark.xdist_group(NOTEBOOK_GROUPS.get(number, number)))
+        elif item.path.name in MODULES_ON_ONE_WORKER:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
 @pytest.fixture(scope="session")

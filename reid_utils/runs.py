@@ -21,6 +21,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -218,8 +219,14 @@ class DamagedCheckpointError(TrainError):
     """A checkpoint file that cannot be read: empty, cut short, or not a checkpoint."""
 
 
-def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> Path:
-    """``torch.save`` through a temporary file: a crash never leaves a half-written checkpoint."""
+def save_checkpoint(checkpoint: dict, path: str | os.PathLike, saved_as: Path | None = None) -> Path:
+    """``torch.save`` through a temporary file: a crash never leaves a half-written checkpoint.
+
+    ``saved_as``: a file this very checkpoint was just saved to (the last epoch's numbered one), copied
+    instead of serialised again. A copy, not a link: a later write to one file never changes the other.
+    """
+    if saved_as is not None:
+        return atomic_write(path, lambda tmp: shutil.copyfile(saved_as, tmp))
     return atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 

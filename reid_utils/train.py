@@ -406,10 +406,11 @@ def _train_in(folder, opts, resume, overwrite, quiet, return_model, given, rank,
                         "state": {"warm_up": warm_up.factor if warm_up is not None else 1.0},
                         "scaler": scaler.state_dict() if scaler is not None else {}, "options": asdict(opts),
                     }  # fmt: skip
+                    numbered = None
                     if done % opts.save_every == 0:
-                        save_checkpoint(checkpoint, folder / checkpoint_name(done))
+                        numbered = save_checkpoint(checkpoint, folder / checkpoint_name(done))
                     if done == opts.total_epoch:
-                        save_checkpoint(checkpoint, folder / LAST_CHECKPOINT)
+                        save_checkpoint(checkpoint, folder / LAST_CHECKPOINT, saved_as=numbered)
                     curves.update(history)
     finally:
         if progress is not None:

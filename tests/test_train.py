@@ -45,6 +45,9 @@ def test_checkpoints_at_the_right_epochs(finished_run):
     assert torch.load(folder / "net_002.pth", weights_only=False)["epoch"] == 2
     last = torch.load(folder / "net_last.pth", weights_only=False)
     assert last["epoch"] == 4 and set(last) >= {"model", "optimizer", "scheduler", "history"}
+    # the last epoch's two checkpoints: the same bytes, in two files (a write to one never changes the other)
+    assert (folder / "net_004.pth").read_bytes() == (folder / "net_last.pth").read_bytes()
+    assert not (folder / "net_004.pth").samefile(folder / "net_last.pth")
     saved = yaml.safe_load((folder / "opts.yaml").read_text())
     assert saved["backbone"] == "resnet18" and saved["num_classes"] == 8
     assert (folder / "train.jpg").stat().st_size > 1000
