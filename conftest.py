@@ -27,16 +27,39 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 NOTEBOOK_GROUPS = {"03": "03-05", "04": "03-05", "05": "03-05"}
 # Modules whose module-scoped fixtures train a run: on one worker, that run is trained once, not once per worker.
 MODULES_ON_ONE_WORKER = {"test_train.py", "test_runs.py", "test_evaluation.py"}
+# The longest work first (pytest-xdist hands it out in this order, with --no-loadscope-reorder): otherwise a
+# 40-second test can start last, on one worker, while the other has nothing left to do. The rest keeps its order.
+LONGEST_FIRST = [
+    "06",  # the ablation: fifteen trainings
+    "03-05",  # the demo training and the notebooks that evaluate it
+    "tests/test_series.py::test_notebooks_03_and_04_under_another_profile",
+    "tests/test_ddp.py::",
+    "tests/test_reliability.py::test_running_a_notebook_twice_in_one_kernel",
+    "test_train",
+]
+
+
+def _group(item) -> str | None:
+    if item.path.suffix == ".ipynb":
+        number = item.path.name[:2]
+        return NOTEBOOK_GROUPS.get(number, number)
+    return item.path.stem if item.path.name in MODULES_ON_ONE_WORKER else None
+
+
+def _rank(item, group: str | None) -> int:
+    for rank, name in enumerate(LONGEST_FIRST):
+        if name == group or item.nodeid.startswith(name):
+            return rank
+    return len(LONGEST_FIRST)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
+    groups = {item.nodeid: _group(item) for item in items}
     for item in items:
-        if item.path.suffix == ".ipynb":
-            number = item.path.name[:2]
-            item.add_marker(pytest.mark.xdist_group(NOTEBOOK_GROUPS.get(number, number)))
-        elif item.path.name in MODULES_ON_ONE_WORKER:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+        if groups[item.nodeid] is not None:
+            item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
+    items.sort(key=lambda item: _rank(item, groups[item.nodeid]))  # stable: a notebook's cells keep their order
 
 
 @pytest.fixture(scope="session")
