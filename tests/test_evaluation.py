@@ -29,7 +29,7 @@ def trained_run(tiny_prepared, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("eval-model")
     opts = TrainOptions(
         name="tiny", data_dir=str(tiny_prepared), model_dir=str(model_dir), gpu_ids="", backbone="resnet18",
-        height=HEIGHT, width=WIDTH, batchsize=8, total_epoch=1, save_every=10, pretrained=False, lr=0.002,
+        height=HEIGHT, width=WIDTH, batchsize=16, total_epoch=1, save_every=10, pretrained=False, lr=0.002,
     )  # fmt: skip
     train(opts, quiet=True)
     return model_dir / "tiny"

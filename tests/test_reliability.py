@@ -22,7 +22,7 @@ from reid_utils import train as train_cli
 from reid_utils.model import select_device
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--backbone", "resnet18", "--height", "32", "--width", "16", "--batchsize", "8", "--no_pretrained"]
+FAST = ["--backbone", "resnet18", "--height", "32", "--width", "16", "--batchsize", "16", "--no_pretrained"]
 
 
 def error_line(capsys, tool: str) -> str:

@@ -23,7 +23,7 @@ from reid_utils import train as train_cli
 from reid_utils.runs import RunLock, TrainError, latest_checkpoint, load_checkpoint
 from reid_utils.train import TrainOptions, train
 
-FAST = ["--backbone", "resnet18", "--height", "32", "--width", "16", "--batchsize", "8", "--no_pretrained",
+FAST = ["--backbone", "resnet18", "--height", "32", "--width", "16", "--batchsize", "16", "--no_pretrained",
         "--gpu_ids", "", "--lr", "0.002"]  # fmt: skip
 
 
@@ -38,7 +38,7 @@ def last_error(capsys, tool: str) -> str:
 
 def options(prepared, model_dir, **changes) -> TrainOptions:
     base = dict(name="run", data_dir=str(prepared), model_dir=str(model_dir), gpu_ids="", backbone="resnet18",
-                height=32, width=16, batchsize=8, total_epoch=2, save_every=1, pretrained=False, lr=0.002)  # fmt: skip
+                height=32, width=16, batchsize=16, total_epoch=2, save_every=1, pretrained=False, lr=0.002)  # fmt: skip
     return TrainOptions(**{**base, **changes})
 
 

@@ -15,7 +15,7 @@ from reid_utils.train import TrainError, TrainOptions, lr_factor, main, train
 def tiny_options(data_dir, model_dir, **changes) -> TrainOptions:
     base = dict(
         name="tiny", data_dir=str(data_dir), model_dir=str(model_dir), gpu_ids="", backbone="resnet18",
-        height=32, width=16, batchsize=8, total_epoch=4, save_every=2, pretrained=False, lr=0.002,
+        height=32, width=16, batchsize=16, total_epoch=4, save_every=2, pretrained=False, lr=0.002,
     )  # fmt: skip
     base.update(changes)
     return TrainOptions(**base)
