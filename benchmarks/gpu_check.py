@@ -48,7 +48,7 @@ from reid_utils.test import evaluation_loader, extract_features, load_trained_mo
 from reid_utils.train import PROFILES, TrainOptions, train
 from reid_utils.train import main as train_command
 
-SMOKE = {"backbone": "resnet18", "height": 48, "width": 24, "batchsize": 8, "lr": 0.01}  # CPU bf16 needs >= 48x24
+SMOKE = {"backbone": "resnet18", "height": 48, "width": 24, "batchsize": 16, "lr": 0.01}  # CPU bf16 needs >= 48x24
 
 
 def describe_device(device: torch.device) -> str:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from reid_utils.train import TrainOptions, train
 
 data_dir, model_dir, out, changes = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), json.loads(sys.argv[4])
-settings = dict(name="ddp", data_dir=data_dir, gpu_ids="", backbone="resnet18", height=32, width=16, batchsize=4,
+settings = dict(name="ddp", data_dir=data_dir, gpu_ids="", backbone="resnet18", height=32, width=16, batchsize=8,
                 total_epoch=1, save_every=1, pretrained=False, lr=0.002)
 for step, folder in (("trained", model_dir / "first"), ("resumed", model_dir / "resumed")):
     if step == "resumed":
