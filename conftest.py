@@ -11,15 +11,16 @@ that 03 trains. Everything else may run on either worker.
 import os
 
 import pytest
-import torch
 
-from reid_utils.series import use_test_environment
+from reid_utils.series import use_test_environment  # a light import: the xdist controller never loads torch
 
 use_test_environment()  # synthetic data, no downloads, no cached weights: the same outputs on every machine
 # Two workers share two cores here, and kernels compute with two threads: threads that wait sleep instead of
 # spinning on a core the other worker needs. (Only how idle threads wait; not a single number changes.)
 os.environ["OMP_WAIT_POLICY"] = "passive"
 if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
     # The tests' own tiny models gain little from a second thread, and the other worker wants the core.
     # (Kernels and command-line children still compute with OMP_NUM_THREADS=2, as the committed outputs did.)
     torch.set_num_threads(1)

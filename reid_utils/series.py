@@ -21,8 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from reid_utils.data import MARKET_ENV_VAR, display_path, is_market_folder, repo_root
-
 # What the tests run under (conftest.py calls this too): the same outputs on every machine.
 # The committed outputs were computed with two threads (the CI machine's cores); a machine with more cores
 # computes the same numbers only with the same thread count (how a sum is split between threads).
@@ -168,6 +166,8 @@ def write_index(paths: list[Path], target: Path) -> None:
 
 def environment_problem() -> str | None:
     """A setting that would make every notebook fail the same way, found before any of them runs."""
+    from reid_utils.data import MARKET_ENV_VAR, is_market_folder
+
     given = os.environ.get(MARKET_ENV_VAR)
     if given and os.environ.get("REID_DATASET") != "synthetic" and not is_market_folder(Path(given).expanduser()):
         return (
@@ -178,6 +178,7 @@ def environment_problem() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from reid_utils.data import display_path, repo_root  # here, not above: the tests' setup imports this module
     from reid_utils.train import PROFILES
 
     parser = argparse.ArgumentParser(prog="python -m reid_utils.series", description=__doc__.splitlines()[0])

@@ -116,3 +116,14 @@ def test_notebooks_03_and_04_under_another_profile_evaluate_the_run_03_trained(t
     assert "PROFILE = 'cpu-quick'" in "".join(cell.source for cell in evaluation.cells)
     training = nbformat.read(tmp_path / "notebooks" / "03_training.ipynb", as_version=4)
     assert "profile: cpu-quick" in "".join(o.get("text", "") for o in training.cells[3].outputs)
+
+
+def test_the_test_setup_imports_no_torch():
+    """conftest.py imports this module in pytest-xdist's controller too, which runs no test: torch and
+    torchvision there would only delay the start of both workers (~4 s)."""
+    import subprocess
+    import sys
+
+    code = "import sys, reid_utils.series; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
