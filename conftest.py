@@ -6,6 +6,12 @@ only when tests/ was collected too; alone, a notebook's cells ran in two kernels
 The suite runs on two pytest-xdist workers (``-n 2`` in pyproject.toml). Each notebook is one group, so
 its cells run in order in one kernel; notebooks 03-05 are one group, because 04 and 05 evaluate the run
 that 03 trains. Everything else may run on either worker.
+
+How the groups reach pytest-xdist: through its scheduler hook (``pytest_xdist_make_scheduler``), which sees
+every test's node id and puts the tests of one group into one unit of work. Not through ``xdist_group``
+marks: xdist writes those into the private ``item._nodeid``, which pytest 9.2 no longer reads (pytest-xdist
+issue #1386), and every notebook's cells were then spread over both workers. As a second line of defence,
+a notebook cell whose predecessor this process never ran fails at once with a message that says why.
 """
 
 import os
@@ -31,36 +37,82 @@ MODULES_ON_ONE_WORKER = {"test_train.py", "test_runs.py", "test_evaluation.py"}
 # The longest work first (pytest-xdist hands it out in this order, with --no-loadscope-reorder): otherwise a
 # 40-second test can start last, on one worker, while the other has nothing left to do. The rest keeps its order.
 LONGEST_FIRST = [
-    "06",  # the ablation: fifteen trainings
-    "03-05",  # the demo training and the notebooks that evaluate it
+    "notebooks:06",  # the ablation: fifteen trainings
+    "notebooks:03-05",  # the demo training and the notebooks that evaluate it
     "tests/test_series.py::test_notebooks_03_and_04_under_another_profile",
     "tests/test_ddp.py::",
     "tests/test_reliability.py::test_running_a_notebook_twice_in_one_kernel",
-    "test_train",
+    "tests/test_train.py",
 ]
 
 
-def _group(item) -> str | None:
-    if item.path.suffix == ".ipynb":
-        number = item.path.name[:2]
-        return NOTEBOOK_GROUPS.get(number, number)
-    return item.path.stem if item.path.name in MODULES_ON_ONE_WORKER else None
+def group_of(nodeid: str) -> str:
+    """The unit of work a test belongs to: its notebook group, its module, or itself alone.
+
+    Only the node id's text is read (``path::name``), which every pytest and pytest-xdist version shares.
+    """
+    path = nodeid.split("::", 1)[0]
+    name = path.rsplit("/", 1)[-1]
+    if name.endswith(".ipynb"):
+        return "notebooks:" + NOTEBOOK_GROUPS.get(name[:2], name[:2])
+    return path if name in MODULES_ON_ONE_WORKER else nodeid
 
 
-def _rank(item, group: str | None) -> int:
+def _rank(nodeid: str) -> int:
+    group = group_of(nodeid)
     for rank, name in enumerate(LONGEST_FIRST):
-        if name == group or item.nodeid.startswith(name):
+        if name == group or nodeid.startswith(name):
             return rank
     return len(LONGEST_FIRST)
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # tryfirst: ahead of pytest-xdist's own choice
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` (pyproject.toml) hands out the units of `group_of`, largest first."""
+    if config.getvalue("dist") != "loadgroup":
+        return None  # another --dist asked for on the command line: pytest-xdist's own
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    return GroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    groups = {item.nodeid: _group(item) for item in items}
-    for item in items:
-        if groups[item.nodeid] is not None:
-            item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
-    items.sort(key=lambda item: _rank(item, groups[item.nodeid]))  # stable: a notebook's cells keep their order
+    items.sort(key=lambda item: _rank(item.nodeid))  # stable: a notebook's cells keep their order
+
+
+CELLS_RAN = pytest.StashKey[set]()  # the notebook cells this process has started
+
+
+def cell_before(item) -> str | None:
+    """The node id of the notebook cell that must have run in this kernel before ``item`` (None: ``item`` opens one)."""
+    if item.path.suffix != ".ipynb":
+        return None
+    group, previous = group_of(item.nodeid), None
+    for other in item.session.items:
+        if other is item:
+            return previous
+        if other.path.suffix == ".ipynb" and group_of(other.nodeid) == group:
+            previous = other.nodeid
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Fail loudly when a notebook's cells are split over processes, instead of a NameError three cells later."""
+    ran = item.config.stash.setdefault(CELLS_RAN, set())
+    before = cell_before(item)
+    ran.add(item.nodeid)
+    if before is not None and before not in ran:
+        pytest.fail(
+            f"{item.nodeid} would run in a kernel that never ran {before}: this notebook's cells were split over "
+            "pytest-xdist workers (its grouping did not apply; see conftest.py). Run `pytest -n 0`, and report "
+            "your pytest and pytest-xdist versions.",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")
