@@ -511,9 +511,13 @@ def _loop_run(fn: Callable, seed: int) -> _Run:
         model = build_model(options, pretrained=False)
         optimizer = build_optimizer(model, options.lr)
         scheduler = build_scheduler(optimizer, options.total_epoch)
-        sampler = loaders["train"].sampler
-        start_epoch = sampler.set_epoch
-        sampler.set_epoch = lambda epoch: (epochs_set.append(epoch), start_epoch(epoch))[1]  # noted, then done
+        sampler, start_epoch = loaders["train"].sampler, loaders["train"].sampler.set_epoch
+
+        def set_epoch(epoch: int) -> None:  # noted, then done
+            epochs_set.append(epoch)
+            start_epoch(epoch)
+
+        sampler.set_epoch = set_epoch
         returned = fn(model, loaders, nn.CrossEntropyLoss(), optimizer, scheduler, torch.device("cpu"),
                       options.total_epoch, save_network, draw_curve, options.save_every)  # fmt: skip
     return _Run(returned, saves, draws, epochs_set)
