@@ -103,3 +103,12 @@ def test_the_readme_states_how_much_code_a_student_reads():
     for quote in (f"`BNNeck` (06): {figures['shown']:,} lines", f"hold {figures['stages']:,} lines",
                   f"the other {figures['rest']:,}."):  # fmt: skip
         assert quote in readme, f"README.md should say: {quote}"
+
+
+def test_notebook_cells_hold_no_test_scaffolding():
+    """nbval's markers are cell tags (nbval-ignore-output), not comments in the code a student reads (issue #21)."""
+    import nbformat
+
+    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        for cell in nbformat.read(path, as_version=4).cells:
+            assert "NBVAL" not in cell.source.upper().replace("-", "_"), f"{path.name}: {cell.source[:60]!r}"
