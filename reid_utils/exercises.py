@@ -6,20 +6,29 @@ The hint names the failing input, the expected value and the returned one, and w
 typical mistake it says which. The learner's exceptions become a ``✗ not yet:`` line, never a traceback.
 
 The expected values come from the library wherever it has them (``parse_market_name``, the real
-``ClassBlock``, ``metrics.evaluate``, the training loop ``train.train_one_phase``); k-reciprocal neighbours come
-from a plain reference below. The checkers use fixed inputs
-and leave the global random state alone, so their output is the same on every run.
+``ClassBlock``, ``metrics.evaluate``, the training loop ``train.train_one_phase``, and a short run of
+``train.train`` itself for the epoch loop); k-reciprocal neighbours come from a plain reference below. The
+checkers use fixed inputs and leave the global random state alone, so their output is the same on every run.
+Where a wrong answer is a known variant -- the blog's loop, say, which is faithful to layumi's tutorial but not the
+loop of this series -- the hint names the variant instead of only the number that differs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import numbers
+import random
+import tempfile
+import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 PASSED = "✓"
@@ -38,8 +47,10 @@ class _Raised:
         return f"{type(self.error).__name__}: {message}" if message else type(self.error).__name__
 
 
-def _run(name: str, fn: Any, cases: Sequence, call: Callable, judge: Callable) -> bool:
-    """Call ``fn`` on each case; ``judge(case, outcome)`` returns None when right, else the hint."""
+def _run(name: str, fn: Any, cases: Sequence, call: Callable, judge: Callable, passed: str | None = None) -> bool:
+    """Call ``fn`` on each case; ``judge(case, outcome)`` returns None when right, else the hint.
+
+    ``passed`` is what the ✓ line says after the name (default: all N cases pass)."""
     if not callable(fn):
         print(f"{NOT_YET} pass the function itself, e.g. check_{name}({name}), not {type(fn).__name__} {_shown(fn)}")
         return False
@@ -55,7 +66,7 @@ def _run(name: str, fn: Any, cases: Sequence, call: Callable, judge: Callable) -
         if hint is not None:
             print(f"{NOT_YET} {hint}")
             return False
-    print(f"{PASSED} {name}: all {len(cases)} cases pass")
+    print(f"{PASSED} {name}: {passed or f'all {len(cases)} cases pass'}")
     return True
 
 
@@ -213,11 +224,13 @@ def check_classblock_parameters(fn: Callable[[int, int, int], int]) -> bool:
 
 
 class _Batches(list):
-    """Fixed batches with the ``batch_size`` their loader was made with, as a DataLoader hands them out."""
+    """Fixed batches with the ``batch_size`` their loader was made with, as a DataLoader hands them out; its
+    ``dataset`` has as many items as the batches hold images, so ``len(loader.dataset)`` works as on a loader."""
 
     def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int) -> None:
         super().__init__(batches)
         self.batch_size = batch_size
+        self.dataset = range(sum(len(labels) for _, labels in batches))
 
 
 def _phase_setup(seed: int = 0) -> dict[str, Any]:
@@ -272,7 +285,7 @@ def _library_step(setup: dict, phase: str, y_loss: dict, y_err: dict) -> tuple[f
 
 
 def _variant_step(*, skip: bool = True, switch: bool = True, zero_grad: bool = True, val_step: bool = False,
-                  divide_by_all: bool = False) -> Callable:  # fmt: skip
+                  divide_by_all: bool = False, skip_val: bool = False) -> Callable:  # fmt: skip
     """The loop with one typical mistake, only to name it in a hint (the truth is the library's loop)."""
 
     def step(setup: dict, phase: str, y_loss: dict, y_err: dict) -> tuple[float, float]:
@@ -282,7 +295,7 @@ def _variant_step(*, skip: bool = True, switch: bool = True, zero_grad: bool = T
         running_loss, running_corrects, seen, total = 0.0, 0, 0, 0
         for inputs, labels in loader:
             total += len(labels)
-            if skip and phase == "train" and len(labels) < loader.batch_size:
+            if skip and (phase == "train" or skip_val) and len(labels) < loader.batch_size:
                 continue
             if phase == "train" and zero_grad:
                 setup["optimizer"].zero_grad()
@@ -303,11 +316,27 @@ def _variant_step(*, skip: bool = True, switch: bool = True, zero_grad: bool = T
     return step
 
 
+# The blog's loop (layumi's tutorial and train.py) skips a short last batch in both phases and divides by
+# dataset_sizes[phase]: a faithful copy of it is no mistake, but it is not the loop of this series.
+BLOG_LOOP = (
+    "that is the blog's loop, which skips the short last batch in val too and divides by dataset_sizes, "
+    "the skipped images included; here validation measures every image (skip only in training) and the "
+    "sums are divided by the images actually used"
+)
+VAL_SKIPPED = (
+    "that skips the short last batch in val too, as the blog's loop does; here validation measures "
+    'every image: skip only when phase == "train"'
+)
+DIVIDED_BY_ALL = (
+    "divide the sums by the images actually used, not by all the images of the loader (the blog "
+    "divides by dataset_sizes[phase], which counts the skipped batch)"
+)
 _PHASE_MISTAKES = (
+    (dict(skip_val=True, divide_by_all=True), BLOG_LOOP),
+    (dict(skip_val=True), VAL_SKIPPED),
     (dict(skip=False), "skip the short last training batch (fewer images than loader.batch_size): "
                        "`if phase == \"train\" and inputs.size(0) < loader.batch_size: continue`"),
-    (dict(divide_by_all=True), "divide the sums by the images actually used, not by all the images of the loader "
-                               "(the skipped batch was not counted)"),
+    (dict(divide_by_all=True), DIVIDED_BY_ALL),
     (dict(switch=False), "switch the mode first: model.train(phase == \"train\") -- in val, dropout must be off and "
                          "BatchNorm must use its running statistics"),
     (dict(val_step=True), "only the train phase calls loss.backward() and optimizer.step(): val only measures"),
@@ -374,6 +403,270 @@ def check_run_phase(fn: Callable) -> bool:
     one epoch as the classic ``train.py`` writes it, against ``reid_utils.train.train_one_phase`` on the same
     seeds, network and batches (loss and accuracy equal to 1e-6, the same weights afterwards)."""
     return _run("run_phase", fn, RUN_PHASE_SEEDS, _epoch_of, _judge_run_phase)
+
+
+# --------------------------------------------------------------------------- 03 · train_model
+
+# The short run the checker trains twice, with the package's train() and with the learner's loop: a ResNet-18 (the
+# smallest backbone train() builds) at 16x8 pixels, three epochs, so that the rate drops (x0.1 after 2/3 of them:
+# in the last epoch) and a numbered checkpoint (epoch 2) and net_last (epoch 3) are both written. Five people,
+# three training and two val images each, batches of four: both phases end with a short batch.
+TRAIN_MODEL_RUN = {"epochs": 3, "save_every": 2, "people": 5, "train_images": 3, "val_images": 2}
+TRAIN_MODEL_SEEDS = (0,)
+_TRAIN_MODEL_OPTIONS = {"name": "truth", "gpu_ids": "", "backbone": "resnet18", "height": 16, "width": 8,
+                        "batchsize": 4, "lr": 0.01, "pretrained": False, "num_workers": 0}  # fmt: skip
+
+
+class _Run(NamedTuple):
+    """What a training loop left: its history, the weights it saved (label, state), what each redraw saw, and the
+    epochs it started (``set_epoch``)."""
+
+    returned: Any
+    saves: list[tuple[str, dict[str, torch.Tensor]]]
+    draws: list[tuple[int, ...]]
+    epochs_set: list[int]
+
+
+@contextlib.contextmanager
+def _own_random_state():
+    """The runs seed Python, NumPy and torch (``seed_everything``): give the learner's session its state back."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # e.g. PyTorch's "scheduler.step() before optimizer.step()" warning: the checker's hint says it
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def _write_images(root: Path, seed: int) -> Path:
+    """A prepared folder (``train/<pid>/``, ``val/<pid>/``) of tiny images, each person a colour plus noise."""
+    rng = np.random.default_rng(seed)
+    run = TRAIN_MODEL_RUN
+    for pid in range(1, run["people"] + 1):
+        colour = rng.integers(30, 226, 3)
+        for split, count in (("train", run["train_images"]), ("val", run["val_images"])):
+            folder = root / split / f"{pid:04d}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(colour + rng.normal(0, 30, (32, 16, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{pid:04d}_c{i + 1}s1_{i:06d}_01.jpg")
+    return root
+
+
+def _options(data_dir: Path, model_dir: Path, seed: int):
+    from reid_utils.train import TrainOptions
+
+    run = {"total_epoch": TRAIN_MODEL_RUN["epochs"], "save_every": TRAIN_MODEL_RUN["save_every"], "seed": seed}
+    return TrainOptions(**_TRAIN_MODEL_OPTIONS, **run, data_dir=str(data_dir), model_dir=str(model_dir))
+
+
+@functools.lru_cache(maxsize=len(TRAIN_MODEL_SEEDS))
+def _package_run(seed: int) -> _Run:
+    """The truth: ``reid_utils.train.train`` itself on the short run, read back from its checkpoints."""
+    from reid_utils.runs import LAST_CHECKPOINT, checkpoint_name, load_checkpoint
+    from reid_utils.train import train
+
+    epochs, every = TRAIN_MODEL_RUN["epochs"], TRAIN_MODEL_RUN["save_every"]
+    with tempfile.TemporaryDirectory() as tmp, _own_random_state():
+        options = _options(_write_images(Path(tmp) / "data", seed), Path(tmp) / "model", seed)
+        history = train(options, quiet=True)
+        folder = Path(tmp) / "model" / options.name
+        saves = [(str(done), load_checkpoint(folder / checkpoint_name(done))["model"])
+                 for done in range(every, epochs + 1, every)]  # fmt: skip
+        saves.append(("last", load_checkpoint(folder / LAST_CHECKPOINT)["model"]))
+    returned = ({phase: history[f"{phase}_loss"] for phase in ("train", "val")},
+                {phase: history[f"{phase}_err"] for phase in ("train", "val")})  # fmt: skip
+    # A watched train() redraws its curve after every epoch's val phase (a quiet one only with its checkpoints).
+    draws = [(epoch,) * 4 for epoch in range(1, epochs + 1)]
+    return _Run(returned, saves, draws, list(range(epochs)))
+
+
+def _loop_run(fn: Callable, seed: int) -> _Run:
+    """Run a learner-style ``train_model`` on the short run, built exactly as ``train`` builds it."""
+    from reid_utils.data import ClassicData, build_dataloaders
+    from reid_utils.model import build_model
+    from reid_utils.train import build_optimizer, build_scheduler, seed_everything
+
+    saves: list[tuple[str, dict]] = []
+    draws: list[tuple[int, ...]] = []
+    epochs_set: list[int] = []
+
+    def save_network(network: nn.Module, epoch_label: Any) -> None:
+        saves.append((str(epoch_label), {k: v.detach().clone() for k, v in network.state_dict().items()}))
+
+    def draw_curve(y_loss: dict, y_err: dict) -> None:
+        draws.append(tuple(len(history[phase]) for history in (y_loss, y_err) for phase in ("train", "val")))
+
+    with tempfile.TemporaryDirectory() as tmp, _own_random_state():
+        options = _options(_write_images(Path(tmp) / "data", seed), Path(tmp) / "model", seed)
+        seed_everything(options.seed)
+        loaders, _, classes = build_dataloaders(
+            options.data_dir, options.batchsize, False, options.height, options.width, seed=options.seed,
+            backend=ClassicData(0),
+        )  # fmt: skip
+        options.num_classes = len(classes)
+        model = build_model(options, pretrained=False)
+        optimizer = build_optimizer(model, options.lr)
+        scheduler = build_scheduler(optimizer, options.total_epoch)
+        sampler, start_epoch = loaders["train"].sampler, loaders["train"].sampler.set_epoch
+
+        def set_epoch(epoch: int) -> None:  # noted, then done
+            epochs_set.append(epoch)
+            start_epoch(epoch)
+
+        sampler.set_epoch = set_epoch
+        returned = fn(model, loaders, nn.CrossEntropyLoss(), optimizer, scheduler, torch.device("cpu"),
+                      options.total_epoch, save_network, draw_curve, options.save_every)  # fmt: skip
+    return _Run(returned, saves, draws, epochs_set)
+
+
+def _variant_loop(*, skip_val: bool = False, divide_by_all: bool = False, scheduler: str = "after") -> Callable:
+    """The epoch loop with one variant, only to name it in a hint (the truth is ``train`` itself)."""
+    phase_step = _variant_step(skip_val=skip_val, divide_by_all=divide_by_all)
+
+    def train_model(model, loaders, criterion, optimizer, lr_scheduler, device, num_epochs, save_network,
+                    draw_curve, save_every=10):  # fmt: skip
+        setup = {"model": model, "loaders": loaders, "criterion": criterion, "optimizer": optimizer}
+        y_loss: dict[str, list] = {"train": [], "val": []}
+        y_err: dict[str, list] = {"train": [], "val": []}
+        for epoch in range(num_epochs):
+            loaders["train"].sampler.set_epoch(epoch)
+            for phase in ("train", "val"):
+                if scheduler == "first" and phase == "train" or scheduler == "each phase":
+                    lr_scheduler.step()
+                phase_step(setup, phase, y_loss, y_err)
+            if scheduler == "after":
+                lr_scheduler.step()
+        return y_loss, y_err
+
+    return train_model
+
+
+_LOOP_VARIANTS = (
+    (dict(skip_val=True, divide_by_all=True, scheduler="first"),
+     "that is the blog's loop as train.py wrote it then: it skips the short last batch in val too, divides by "
+     "dataset_sizes (the skipped images included) and steps the scheduler at the start of the train phase; here "
+     "validation measures every image, the sums are divided by the images used, and scheduler.step() follows the "
+     "epoch's optimizer steps"),
+    (dict(scheduler="first"), "scheduler.step() comes once per epoch *after* the epoch's optimizer steps; stepped "
+                              "before them (at the start of the train phase, as train.py did before PyTorch 1.1 "
+                              "moved it), the rate drops one epoch early"),
+    (dict(skip_val=True, divide_by_all=True), BLOG_LOOP),
+    (dict(skip_val=True), VAL_SKIPPED),
+    (dict(divide_by_all=True), DIVIDED_BY_ALL),
+    (dict(scheduler="never"), "call scheduler.step() once per epoch, after the train and val phases: without it the "
+                              "rate never drops (x0.1 after 2/3 of the epochs)"),
+    (dict(scheduler="each phase"), "call scheduler.step() once per epoch, not once per phase"),
+)  # fmt: skip
+SET_EPOCH = (
+    'start each epoch with loaders["train"].sampler.set_epoch(epoch): the epoch\'s shuffle and augmentation '
+    "follow from the seed and the epoch (what lets a run resume exactly; the classic DataLoader reshuffles "
+    "by itself)"
+)
+
+
+@functools.lru_cache(maxsize=2 * len(_LOOP_VARIANTS))
+def _variant_run(seed: int, variant: int) -> _Run:
+    return _loop_run(_variant_loop(**_LOOP_VARIANTS[variant][0]), seed)
+
+
+def _returns_two_histories(learner: _Run) -> str | None:
+    returned = learner.returned
+    if isinstance(returned, tuple | list) and len(returned) == 2 and all(isinstance(h, dict) for h in returned):
+        return None
+    call = f"train_model(..., num_epochs={TRAIN_MODEL_RUN['epochs']}, ...)"
+    return f"{call} should return (y_loss, y_err), two dicts of lists, got {_shown(returned)}"
+
+
+def _same_history(learner: _Run, truth: _Run) -> str | None:
+    """What differs between two runs' ``(y_loss, y_err)``, in words (naming the epoch), or None."""
+    call = f"train_model(..., num_epochs={TRAIN_MODEL_RUN['epochs']}, ...)"
+    returned = learner.returned
+    for name, mine, right in zip(("y_loss", "y_err"), returned, truth.returned, strict=True):
+        for phase in ("train", "val"):
+            got, want = mine.get(phase), right[phase]
+            if not isinstance(got, list) or len(got) != len(want):
+                return f"{call} should give {name}[{phase!r}] one value per epoch ({len(want)}), got {_shown(got)}"
+            for epoch, (value, expected) in enumerate(zip(got, want, strict=True), start=1):
+                if not _close(value, expected):
+                    return (f"{call} should give {name}[{phase!r}] {expected:.6f} in epoch {epoch} (as train() "
+                            f"does), got {_shown(value)}")  # fmt: skip
+    return None
+
+
+def _same_checkpoints(learner: _Run, truth: _Run) -> str | None:
+    labels, expected = [label for label, _ in learner.saves], [label for label, _ in truth.saves]
+    call = f"train_model(..., num_epochs={TRAIN_MODEL_RUN['epochs']}, save_every={TRAIN_MODEL_RUN['save_every']})"
+    if labels != expected:
+        numbered = [label for label in expected if label != "last"]
+        if "last" not in labels:
+            why = 'after the last epoch, save_network(model, "last") saves the final weights (net_last.pth)'
+        elif labels[: len(numbered)] == [str(int(label) - 1) for label in numbered]:
+            why = (
+                "a checkpoint's label is the number of epochs done, epoch + 1: net_10.pth after the tenth epoch "
+                "(the blog's save_network(model, epoch) calls it net_9.pth)"
+            )
+        else:
+            why = 'save every save_every epochs, when (epoch + 1) % save_every == 0, then once more as "last"'
+        return f"{call} should call save_network with the labels {expected}, got {labels} — {why}"
+    for (label, mine), (_, right) in zip(learner.saves, truth.saves, strict=True):
+        if mine.keys() != right.keys() or not all(torch.allclose(mine[k].float(), right[k].float(), atol=1e-6)
+                                                  for k in right):  # fmt: skip
+            return (
+                f"{call}: save_network(model, {label!r}) should save the weights train() saved at that point "
+                "(after the epoch's val phase), and it saved others"
+            )
+    return None
+
+
+def _same_draws(learner: _Run, truth: _Run) -> str | None:
+    call = f"train_model(..., num_epochs={TRAIN_MODEL_RUN['epochs']}, ...)"
+    if learner.draws == truth.draws:
+        return None
+    every = TRAIN_MODEL_RUN["save_every"]
+    if not learner.draws:
+        why = "call draw_curve(y_loss, y_err) after every epoch's val phase"
+    elif all(draw[0] % every == 0 or draw[0] == TRAIN_MODEL_RUN["epochs"] for draw in learner.draws):
+        why = (
+            "draw after every epoch, as layumi's train.py does, not only with the checkpoints (the blog's text "
+            "says every 10 epochs): a live curve that moves once in ten epochs is a progress bar"
+        )
+    elif any(draw[1] < draw[0] for draw in learner.draws):
+        why = "draw after the val phase, when both phases of the epoch are in the history"
+    else:
+        why = "draw_curve(y_loss, y_err) once per epoch, after its val phase"
+    saw = ", ".join(f"{draw[0]}/{draw[1]}" for draw in learner.draws) or "no call"
+    return f"{call} should redraw {len(truth.draws)} times, once per epoch, got {saw} (train/val entries seen) — {why}"
+
+
+def _judge_train_model(seed: int, outcome: Any) -> str | None:
+    if isinstance(outcome, _Raised):
+        return f"train_model(..., num_epochs={TRAIN_MODEL_RUN['epochs']}, ...) should train, but {_shown(outcome)}"
+    shape = _returns_two_histories(outcome)
+    if shape is not None:
+        return shape
+    truth = _package_run(seed)
+    problem = _same_history(outcome, truth)
+    if problem is not None and outcome.epochs_set != truth.epochs_set:
+        return f"{problem} — {SET_EPOCH}; it was called with {outcome.epochs_set or 'no epoch'}"
+    if problem is not None:
+        for variant, (_, hint) in enumerate(_LOOP_VARIANTS):
+            if _same_history(outcome, _variant_run(seed, variant)) is None:
+                return f"{problem} — {hint}"
+        return problem
+    return _same_checkpoints(outcome, truth) or _same_draws(outcome, truth)
+
+
+def check_train_model(fn: Callable) -> bool:
+    """Notebook 03: ``train_model(model, loaders, criterion, optimizer, scheduler, device, num_epochs, save_network,
+    draw_curve, save_every=10)``, the classic epoch loop, against ``reid_utils.train.train`` on a short run from the
+    same seed: every epoch's losses and errors equal to 1e-6, the same checkpoints, one redraw per epoch."""
+    epochs = TRAIN_MODEL_RUN["epochs"]
+    passed = f"the same {epochs} epochs, checkpoints and redraws as the package's train()"
+    return _run("train_model", fn, TRAIN_MODEL_SEEDS, lambda f, seed: _loop_run(f, seed), _judge_train_model, passed)
 
 
 # --------------------------------------------------------------------------- 04 · average_precision

@@ -4,8 +4,8 @@
 
 ``train_one_phase`` is the inner loop of the classic ``train.py``: one pass over the training or the
 validation images. ``train`` runs it for every epoch (``train`` phase, then ``val``) with SGD and the
-step schedule, and every ``save_every`` epochs (and at the end) saves a checkpoint, the options and the
-loss/error curves into the run folder (``reid_utils.runs``).
+step schedule, redraws the loss/error curves after every epoch, and every ``save_every`` epochs (and at the
+end) saves a checkpoint into the run folder (``reid_utils.runs``).
 
 What only makes training faster or spreads it over several GPUs -- mixed precision (``speed``), the
 fast data path (``fastdata``), DistributedDataParallel (``distributed``) -- and the warm-up of
@@ -393,7 +393,8 @@ def _train_in(folder, opts, resume, overwrite, quiet, return_model, given, rank,
                 progress.set_postfix(epoch=epoch + 1, loss=f"{history['train_loss'][-1]:.3f}",
                                      val_err=f"{history['val_err'][-1]:.3f}")  # fmt: skip
             done = epoch + 1
-            if done % opts.save_every == 0 or done == opts.total_epoch:
+            checkpoint_due = done % opts.save_every == 0 or done == opts.total_epoch
+            if checkpoint_due:
                 rng = {"torch": torch.get_rng_state()}
                 if device.type == "cuda":
                     rng["cuda"] = torch.cuda.get_rng_state(device)
@@ -411,7 +412,10 @@ def _train_in(folder, opts, resume, overwrite, quiet, return_model, given, rank,
                         numbered = save_checkpoint(checkpoint, folder / checkpoint_name(done))
                     if done == opts.total_epoch:
                         save_checkpoint(checkpoint, folder / LAST_CHECKPOINT, saved_as=numbered)
-                    curves.update(history)
+            # Watched, the curves are redrawn after every epoch, as layumi's train.py does (its tutorial says every
+            # 10); a quiet run (an ablation, a test) draws train.jpg with each checkpoint only.
+            if main_process and (checkpoint_due or not quiet):
+                curves.update(history)
     finally:
         if progress is not None:
             progress.close()  # also on errors and Ctrl-C: the message then starts on its own line
@@ -499,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--skip_corrupt", action="store_true", help="leave unreadable images out (with a notice)")
     p.add_argument("--no_pretrained", action="store_true", help="start from random weights")
-    p.add_argument("--save_every", type=int, default=d.save_every, help="checkpoint + curves every N epochs")
+    p.add_argument("--save_every", type=int, default=d.save_every, help="a checkpoint every N epochs")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (with --fast_data: threads)")
     p.add_argument("--resume", action="store_true", help="continue <model_dir>/<name> from its last checkpoint")

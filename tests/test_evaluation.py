@@ -13,6 +13,7 @@ from reid_utils.data import ClassicData, parse_market_name
 from reid_utils.test import (
     FeatureSet,
     evaluate_features,
+    evaluate_run,
     evaluation_loader,
     extract_features,
     load_trained_model,
@@ -122,6 +123,12 @@ def test_rebuilds_the_trained_network_with_its_weights(trained_run):
     assert loaded.keys() == saved.keys()
     for key, value in saved.items():
         assert torch.equal(loaded[key], value), key
+
+
+def test_evaluating_a_run_gives_figures_between_0_and_1(trained_run, tiny_prepared):
+    """What notebook 06's ablation reads for each of its fifteen models."""
+    result = evaluate_run(trained_run, tiny_prepared)
+    assert 0 < result.mAP <= 1 and 0 <= result.rank(1) <= 1 and result.num_queries_evaluated > 0
 
 
 def test_unknown_run_mentions_name(tmp_path):

@@ -12,6 +12,7 @@ import runpy
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import nbformat
@@ -27,24 +28,28 @@ from reid_utils.student import MARKER, SOLUTION_TAG, main, stub_source
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 
-# notebook prefix -> (function the learner writes, its checker)
+# function the learner writes -> (its notebook's prefix, its checker); 03 has two, the phase and the epoch loop
 EXERCISES = {
-    "01": ("parse_name", exercises.check_parse_name),
-    "02": ("classblock_parameters", exercises.check_classblock_parameters),
-    "03": ("run_phase", exercises.check_run_phase),
-    "04": ("average_precision", exercises.check_average_precision),
-    "05": ("k_reciprocal", exercises.check_k_reciprocal),
-    "06": ("smoothed_target", exercises.check_smoothed_target),
+    "parse_name": ("01", exercises.check_parse_name),
+    "classblock_parameters": ("02", exercises.check_classblock_parameters),
+    "run_phase": ("03", exercises.check_run_phase),
+    "train_model": ("03", exercises.check_train_model),
+    "average_precision": ("04", exercises.check_average_precision),
+    "k_reciprocal": ("05", exercises.check_k_reciprocal),
+    "smoothed_target": ("06", exercises.check_smoothed_target),
 }
-CHECKERS = {name: check for name, check in EXERCISES.values()}
+CHECKERS = {name: check for name, (_, check) in EXERCISES.items()}
 CASES = {
     "parse_name": exercises.PARSE_NAME_CASES,
     "classblock_parameters": exercises.CLASSBLOCK_CASES,
     "run_phase": exercises.RUN_PHASE_SEEDS,
+    "train_model": exercises.TRAIN_MODEL_SEEDS,
     "average_precision": exercises.AVERAGE_PRECISION_CASES,
     "k_reciprocal": exercises.K_RECIPROCAL_CASES,
     "smoothed_target": exercises.SMOOTHED_TARGET_CASES,
 }
+PASSED_LINES = {name: f"✓ {name}: all {len(cases)} cases pass" for name, cases in CASES.items()}
+PASSED_LINES["train_model"] = "✓ train_model: the same 3 epochs, checkpoints and redraws as the package's train()"
 
 
 def notebook(prefix: str, folder: Path = NOTEBOOKS):
@@ -54,6 +59,23 @@ def notebook(prefix: str, folder: Path = NOTEBOOKS):
 
 def solution_cells(nb) -> list:
     return [cell for cell in nb.cells if SOLUTION_TAG in cell.metadata.get("tags", [])]
+
+
+def solution_cell(nb, name: str):
+    """The one solution cell that defines ``name``."""
+    (cell,) = [cell for cell in solution_cells(nb) if re.search(rf"^def {name}\(", cell.source, re.MULTILINE)]
+    return cell
+
+
+def load_solution(nb, name: str):
+    """``name`` as the notebook defines it, the solution cells above its own run first in the same namespace
+    (03's train_model calls the run_phase written before it)."""
+    namespace: dict = {}
+    for cell in solution_cells(nb):
+        exec(compile(cell.source, f"<{name}>", "exec"), namespace)
+        if cell is solution_cell(nb, name):
+            return namespace[name]
+    raise AssertionError(f"no solution cell defines {name}")
 
 
 def load(source: str, name: str):
@@ -78,26 +100,31 @@ def printed(cell) -> str:
     return "".join(o.text for o in cell.outputs)
 
 
-@pytest.mark.parametrize("prefix", EXERCISES)
-def test_exercise_is_task_solution_check_before_the_quick_questions(prefix):
-    name, check = EXERCISES[prefix]
+@pytest.mark.parametrize("name", EXERCISES)
+def test_exercise_is_task_solution_check_before_the_quick_questions(name):
+    prefix, check = EXERCISES[name]
     nb = notebook(prefix)
-    (solution,) = solution_cells(nb)
+    solution = solution_cell(nb, name)
     at = nb.cells.index(solution)
     task, checker, after = nb.cells[at - 1], nb.cells[at + 1], nb.cells[at + 2]
     assert task.cell_type == "markdown" and task.source.startswith("## Exercise") and f"`{name}(" in task.source
     assert checker.cell_type == "code" and f"{check.__name__}({name})" in checker.source
     assert after.cell_type == "markdown"  # what follows: the quick questions, or (03) the rest of the loop
     assert any(cell.source.strip() == "## Quick questions" for cell in nb.cells[at + 2 :])
-    assert printed(checker) == f"✓ {name}: all {len(CASES[name])} cases pass\n"
+    assert printed(checker) == PASSED_LINES[name] + "\n"
 
 
-@pytest.mark.parametrize("prefix", EXERCISES)
-def test_checker_accepts_the_solution_committed_in_the_notebook(prefix, capsys):
-    name, check = EXERCISES[prefix]
-    (solution,) = solution_cells(notebook(prefix))
-    assert check(load(solution.source, name)) is True
-    assert one_line(capsys) == f"✓ {name}: all {len(CASES[name])} cases pass"
+def test_every_solution_cell_is_an_exercise():
+    for prefix in sorted({prefix for prefix, _ in EXERCISES.values()}):
+        names = [name for name, (other, _) in EXERCISES.items() if other == prefix]
+        assert [solution_cell(notebook(prefix), name) for name in names] == solution_cells(notebook(prefix))
+
+
+@pytest.mark.parametrize("name", EXERCISES)
+def test_checker_accepts_the_solution_committed_in_the_notebook(name, capsys):
+    prefix, check = EXERCISES[name]
+    assert check(load_solution(notebook(prefix), name)) is True
+    assert one_line(capsys) == PASSED_LINES[name]
 
 
 # --------------------------------------------------------------------------- typical mistakes get a named hint
@@ -144,13 +171,13 @@ def _ap_no_special_case(is_match):
 
 
 def _phase_with(model, loader, phase, criterion, optimizer, device, y_loss, y_err, *, skip=True, switch=True,
-                zero_grad=True, val_step=False, divide_by_all=False, error=True):  # fmt: skip
+                zero_grad=True, val_step=False, divide_by_all=False, error=True, skip_val=False):  # fmt: skip
     """A learner's run_phase with one of the typical mistakes, written as a learner would."""
     if switch:
         model.train(phase == "train")
     running_loss, running_corrects, seen = 0.0, 0, 0
     for inputs, labels in loader:
-        if skip and phase == "train" and inputs.size(0) < loader.batch_size:
+        if skip and (phase == "train" or skip_val) and inputs.size(0) < loader.batch_size:
             continue
         if phase == "train" and zero_grad:
             optimizer.zero_grad()
@@ -169,6 +196,60 @@ def _phase_with(model, loader, phase, criterion, optimizer, device, y_loss, y_er
     y_loss[phase].append(epoch_loss)
     y_err[phase].append(1.0 - epoch_acc if error else epoch_acc)
     return epoch_loss, epoch_acc
+
+
+def _blog_phase(model, loader, phase, criterion, optimizer, device, y_loss, y_err):
+    """A faithful copy of the blog's loop (layumi's tutorial): the short batch skipped in both phases, the sums
+    divided by the dataset's size."""
+    model.train(phase == "train")
+    running_loss, running_corrects = 0.0, 0.0
+    for inputs, labels in loader:
+        now_batch_size = inputs.shape[0]
+        if now_batch_size < loader.batch_size:  # skip the last batch
+            continue
+        inputs, labels = inputs.to(device), labels.to(device)
+        optimizer.zero_grad()
+        if phase == "val":
+            with torch.no_grad():
+                outputs = model(inputs)
+        else:
+            outputs = model(inputs)
+        _, preds = torch.max(outputs.data, 1)
+        loss = criterion(outputs, labels)
+        if phase == "train":
+            loss.backward()
+            optimizer.step()
+        running_loss += loss.item() * now_batch_size
+        running_corrects += float(torch.sum(preds == labels.data))
+    epoch_loss = running_loss / len(loader.dataset)
+    epoch_acc = running_corrects / len(loader.dataset)
+    y_loss[phase].append(epoch_loss)
+    y_err[phase].append(1.0 - epoch_acc)
+    return epoch_loss, epoch_acc
+
+
+def _train_model_with(model, loaders, criterion, optimizer, scheduler, device, num_epochs, save_network, draw_curve,
+                      save_every=10, *, phase=_phase_with, scheduler_first=False, set_epoch=True, zero_based=False,
+                      draw_each_epoch=True, last=True):  # fmt: skip
+    """A learner's train_model with one of the typical mistakes (or the blog's ways), written as a learner would."""
+    y_loss, y_err = {"train": [], "val": []}, {"train": [], "val": []}
+    for epoch in range(num_epochs):
+        if set_epoch:
+            loaders["train"].sampler.set_epoch(epoch)
+        for name in ("train", "val"):
+            if scheduler_first and name == "train":
+                scheduler.step()
+            phase(model, loaders[name], name, criterion, optimizer, device, y_loss, y_err)
+        if not scheduler_first:
+            scheduler.step()
+        saving = epoch % save_every == save_every - 1
+        if saving:
+            save_network(model, epoch if zero_based else epoch + 1)
+        if draw_each_epoch or saving:
+            draw_curve(y_loss, y_err)
+    if last:
+        save_network(model, "last")
+    return y_loss, y_err
 
 
 def _nearest(dist, row, k):
@@ -198,6 +279,19 @@ WRONG_ANSWERS = [
     ("run_phase", lambda *args: _phase_with(*args, divide_by_all=True), "divide the sums by the images actually used"),
     ("run_phase", lambda *args: _phase_with(*args, error=False), "should append"),
     ("run_phase", lambda *args: _phase_with(*args)[0], "should return (loss, accuracy)"),
+    ("run_phase", _blog_phase, "that is the blog's loop, which skips the short last batch in val too"),
+    ("run_phase", lambda *args: _phase_with(*args, skip_val=True), "that skips the short last batch in val too"),
+    (
+        "train_model",
+        lambda *a, **k: _train_model_with(*a, **k, phase=_blog_phase, scheduler_first=True),
+        "that is the blog's loop as train.py wrote it then",
+    ),
+    ("train_model", lambda *a, **k: _train_model_with(*a, **k, scheduler_first=True), "the rate drops one epoch early"),
+    ("train_model", lambda *a, **k: _train_model_with(*a, **k, set_epoch=False), "sampler.set_epoch(epoch)"),
+    ("train_model", lambda *a, **k: _train_model_with(*a, **k, zero_based=True), "calls it net_9.pth"),
+    ("train_model", lambda *a, **k: _train_model_with(*a, **k, last=False), 'save_network(model, "last")'),
+    ("train_model", lambda *a, **k: _train_model_with(*a, **k, draw_each_epoch=False), "as layumi's train.py does"),
+    ("train_model", lambda *a, **k: _train_model_with(*a, **k)[0], "should return (y_loss, y_err)"),
     ("average_precision", _ap_step, "that is the step AP"),
     ("average_precision", _ap_not_divided, "did not divide by the number of hits"),
     ("average_precision", _ap_one_based, "off by one in the rank"),
@@ -278,6 +372,42 @@ def test_the_loop_checker_takes_its_truth_from_the_training_loop(monkeypatch, ca
     capsys.readouterr()
     assert exercises.check_run_phase(solution) is False
     assert "phase='train'" in one_line(capsys)
+
+
+def test_the_epoch_loop_checker_takes_its_truth_from_train_itself(monkeypatch):
+    """check_train_model compares with a short run of reid_utils.train.train: change the package's loop and the
+    learner's correct answer no longer matches (the learner's own run_phase is left as it was)."""
+    import reid_utils.train as train_module
+
+    solution = load_solution(notebook("03"), "train_model")
+    real = train_module.train_one_phase
+
+    def never_skips(model, loader, phase, *rest):
+        class All(list):
+            batch_size = 0  # no batch is shorter than this: nothing skipped
+
+        return real(model, All(loader), phase, *rest)
+
+    learner = exercises._loop_run(solution, 0)
+    assert exercises._same_history(learner, exercises._package_run(0)) is None
+    monkeypatch.setattr(train_module, "train_one_phase", never_skips)
+    exercises._package_run.cache_clear()
+    try:
+        assert "as train() does" in exercises._same_history(learner, exercises._package_run(0))
+    finally:
+        exercises._package_run.cache_clear()  # the next checker call trains the real package loop again
+
+
+def test_the_epoch_loop_checker_leaves_the_random_state_alone_and_writes_nothing_it_keeps(tmp_path, monkeypatch):
+    import random
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the checker's short runs write
+    solution = load_solution(notebook("03"), "train_model")
+    states = (torch.random.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    assert exercises.check_train_model(solution) is True
+    assert torch.equal(torch.random.get_rng_state(), states[0])
+    assert np.array_equal(np.random.get_state()[1], states[1]) and random.getstate() == states[2]
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("is_match", exercises.AVERAGE_PRECISION_CASES)
@@ -379,11 +509,10 @@ def test_student_copy_has_every_notebook_with_solutions_stubbed_and_outputs_clea
             assert "# your code here" in after.source and "return" not in after.source
 
 
-@pytest.mark.parametrize("prefix", EXERCISES)
-def test_student_stubs_make_the_checker_say_write_the_body(student_copy, prefix, capsys):
-    name, check = EXERCISES[prefix]
-    (stub,) = solution_cells(notebook(prefix, student_copy))
-    assert check(load(stub.source, name)) is False
+@pytest.mark.parametrize("name", EXERCISES)
+def test_student_stubs_make_the_checker_say_write_the_body(student_copy, name, capsys):
+    prefix, check = EXERCISES[name]
+    assert check(load_solution(notebook(prefix, student_copy), name)) is False
     assert one_line(capsys) == STILL_A_STUB
 
 

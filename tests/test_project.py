@@ -89,3 +89,26 @@ def test_the_package_docstring_lists_every_module_once():
     named = [name for name in listed if name in modules]
     twice = {name for name in named if named.count(name) > 1}
     assert sorted(named) == sorted(modules), f"missing: {modules - set(named)}; listed twice: {twice}"
+
+
+def test_the_readme_states_how_much_code_a_student_reads():
+    """README.md quotes the size of the taught part (issue #21); the quote follows the code it counts."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("taught_lines", ROOT / "benchmarks" / "taught_lines.py")
+    taught = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(taught)
+    figures = taught.counts()
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    for quote in (f"`BNNeck` (06): {figures['shown']:,} lines", f"hold {figures['stages']:,} lines",
+                  f"the other {figures['rest']:,}."):  # fmt: skip
+        assert quote in readme, f"README.md should say: {quote}"
+
+
+def test_notebook_cells_hold_no_test_scaffolding():
+    """nbval's markers are cell tags (nbval-ignore-output), not comments in the code a student reads (issue #21)."""
+    import nbformat
+
+    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        for cell in nbformat.read(path, as_version=4).cells:
+            assert "NBVAL" not in cell.source.upper().replace("-", "_"), f"{path.name}: {cell.source[:60]!r}"

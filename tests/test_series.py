@@ -127,3 +127,31 @@ def test_the_test_setup_imports_no_torch():
     code = "import sys, reid_utils.series; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_the_real_ablation_of_notebook_06_starts_only_when_switched_on(capsys):
+    """With a GPU and Market-1501, notebook 06's ablation would train 300 ResNet-50 epochs (~4 h): it states the cost
+    and waits for TRAIN_THE_REAL_ABLATION = True; until then it runs the small ablation (issue #21)."""
+    import ast
+
+    from reid_utils.data import repo_root
+
+    cells = {cell.get("id"): cell.source for cell in nbformat.read(
+        repo_root() / "notebooks" / "06_going_further.ipynb", as_version=4).cells}  # fmt: skip
+    imports = ast.parse(cells["7a48b486"])  # the notebook's own imports (PROFILES, wherever it lives)
+    imports.body = [node for node in imports.body if isinstance(node, ast.Import | ast.ImportFrom)]
+    for switched_on in (False, True):
+        namespace: dict = {"profile": "market-gpu"}
+        exec(compile(imports, "<06 imports>", "exec"), namespace)
+        switch = cells["real-ablation-switch"].replace("TRAIN_THE_REAL_ABLATION = False", f"TRAIN_THE_REAL_ABLATION = "
+                                                                                          f"{switched_on}")  # fmt: skip
+        exec(switch, namespace)
+        exec(cells["7ce385e4"], namespace)
+        printed = capsys.readouterr().out
+        total = len(namespace["steps"]) * len(namespace["seeds"]) * namespace["setting"]["total_epoch"]
+        if switched_on:
+            assert (namespace["setting"]["backbone"], total) == ("resnet50", 300)
+        else:
+            assert "about 4 h on one GPU" in printed and "TRAIN_THE_REAL_ABLATION = True" in printed
+            assert namespace["setting"]["backbone"] == "resnet18" and total == 30
+            assert namespace["setting"]["gpu_ids"] == "0"  # the small ablation on the GPU that is there

@@ -34,9 +34,9 @@ def test_loss_falls_and_the_short_last_batch_is_skipped(finished_run, tiny_prepa
     opts, history, _ = finished_run
     n_train = sum(1 for _ in (tiny_prepared / "train").rglob("*.jpg"))
     assert n_train % opts.batchsize != 0  # the case the skip is for
-    assert history["skipped"] == [1] * opts.total_epoch
+    assert history["skipped"] == [1] * opts.total_epoch  # at most the one short batch per epoch
     assert history["train_loss"][-1] < history["train_loss"][0]
-    assert len(history["val_err"]) == opts.total_epoch
+    assert len(history["val_err"]) == len(history["train_loss"]) == opts.total_epoch
 
 
 def test_checkpoints_at_the_right_epochs(finished_run):
@@ -343,3 +343,29 @@ def test_the_progress_bar_ends_at_its_total(tiny_prepared, tmp_path, monkeypatch
     (tmp_path / "plain" / "tiny" / "net_002.pth").unlink()
     train(tiny_options(tiny_prepared, tmp_path / "plain", total_epoch=2, save_every=1), resume=True)
     assert len(bars) == 3 and all(bar.n == bar.total > 0 for bar in bars), [(bar.n, bar.total) for bar in bars]
+
+
+def test_a_watched_run_redraws_its_one_figure_after_every_epoch(tiny_prepared, tmp_path, monkeypatch):
+    """The live curve lives (issue #21): redrawn in place after every epoch, as layumi's train.py draws it, while the
+    checkpoints keep their schedule; a quiet run draws only with its checkpoints (see finished_run: 2 of 4)."""
+    import IPython.display
+
+    import reid_utils.visualize as visualize_module
+
+    shown = []
+
+    class Handle:
+        def update(self, fig):
+            shown.append("update")
+
+    def display(fig, display_id=False):
+        assert display_id is True  # a handle to redraw in place, not a new figure per epoch
+        shown.append("display")
+        return Handle()
+
+    monkeypatch.setattr(visualize_module, "in_notebook", lambda: True)
+    monkeypatch.setattr(IPython.display, "display", display)
+    history = train(tiny_options(tiny_prepared, tmp_path, total_epoch=3, save_every=10))  # not quiet: watched
+    assert history["curve_updates"] == 3 and shown == ["display", "update", "update"]
+    assert sorted(p.name for p in (tmp_path / "tiny").glob("*.pth")) == ["net_last.pth"]
+    assert (tmp_path / "tiny" / "train.jpg").stat().st_size > 1000
