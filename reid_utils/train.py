@@ -290,7 +290,7 @@ def train(
     rank, world_size = distributed.distributed_context()
     folder = run_dir(opts)
     created = not folder.exists()
-    if not created and not latest_checkpoint_exists(folder) and foreign_files(folder):
+    if not created and not holds_checkpoints(folder) and foreign_files(folder):
         raise TrainError(
             f"{folder} is not a run folder (it holds {', '.join(foreign_files(folder)[:3])}): training would write "
             f"its files among them. Choose another --name or --model_dir."
@@ -319,7 +319,7 @@ def train(
         lock.release()
 
 
-def latest_checkpoint_exists(folder: Path) -> bool:
+def holds_checkpoints(folder: Path) -> bool:
     """Whether ``folder`` holds any checkpoint, readable or not (then it is a run folder)."""
     return bool(checkpoints_newest_first(folder))
 
