@@ -110,25 +110,28 @@ def size_text(size: float) -> str:
     return f"{size / 1000:.1f} GB"
 
 
-def write_problem(err: BaseException) -> str | None:
-    """A failed write as words (``no space left on the disk ...``), or None when it is no such failure.
+def write_problem(err: BaseException, where: str | os.PathLike | None = None) -> str | None:
+    """A failed write as words (``no space left on the disk holding X``), or None when it is no such failure.
 
     A full disk, a read-only file system or a folder without write permission is the user's to fix;
-    the callers add what to do then. Anything else is left to propagate as it is.
+    the callers add what to do then. Anything else is left to propagate as it is. For a copy the error
+    names the source and then the target (``filename2``): the target is where the disk is full.
+    ``where``: what to name instead of the file (the folder the user gave rather than its temporary twin).
     """
     if not isinstance(err, OSError) or err.errno not in DISK_FULL | _NOT_WRITABLE:
         return None
-    where = err.filename or "a file"
+    where = where or err.filename2 or err.filename
     if err.errno in DISK_FULL:
-        free = ""
+        if where is None:
+            return f"no space left on the disk ({err.strerror})"
         try:
-            free = f", {size_text(free_space(where))} free" if err.filename else ""
+            free = f", {size_text(free_space(where))} free"
         except OSError:
-            pass
+            free = ""
         return f"no space left on the disk holding {where} ({err.strerror}{free})"
     if err.errno == errno.EROFS:
-        return f"{where} is on a read-only file system"
-    return f"no permission to write {where} ({err.strerror})"
+        return f"{where or 'the folder'} is on a read-only file system"
+    return f"no permission to write {where or 'there'} ({err.strerror})"
 
 
 def swap_into_place(staging: Path, target: Path) -> None:

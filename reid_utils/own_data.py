@@ -348,9 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nown_data: interrupted; {args.dst} is as it was before. Run the same command again.", file=sys.stderr)
         return 130
     except OSError as err:
+        described = write_problem(err, where=args.dst)
+        if described is not None:
+            return user_error(f"{described}; {args.dst} is as it was before. Free some space or choose another --dst.")
         where = f" at {err.filename}" if err.filename else ""
-        reason = write_problem(err) or f"{err.strerror or err}{where}"
-        return user_error(f"cannot write to {args.dst} ({reason}); free some space or choose a writable --dst.")
+        return user_error(f"cannot write to {args.dst} ({err.strerror or err}{where}); choose a writable --dst.")
     ids = summary.identities
     source = "camera ids from the file names" if cameras == "names" else "pseudo-cameras (no camera ids)"
     print(f"Imported {sum(summary.counts.values())} crops into {display_path(summary.root)} ({source}):")

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nprepare: interrupted; {args.dst} is as it was before. Run the same command again.", file=sys.stderr)
         return 130
     except OSError as err:
-        problem = write_problem(err)
+        problem = write_problem(err, where=args.dst)
         if problem is None:
             raise
         print(

@@ -241,16 +241,21 @@ def save_checkpoint(
 
 
 def save_torch(obj, path: str | os.PathLike, before_replace=None) -> Path:
-    """``torch.save`` into a file opened here, through ``atomic_write``.
+    """``torch.save`` through ``atomic_write``, a full disk reported as the ``OSError`` (ENOSPC) it is.
 
-    Given a path, ``torch.save`` reports a full disk as ``RuntimeError: [enforce fail at
-    inline_container.cc] unexpected pos``; writing to a Python file object it raises the
-    ``OSError`` (errno ENOSPC) that says what happened.
+    ``torch.save`` reports a disk that fills up in the middle of a file as ``RuntimeError: [enforce fail
+    at inline_container.cc:672] . unexpected pos``. Writing into a Python file object opened here, the
+    write's own ``OSError`` is raised first, and is found behind that ``RuntimeError``.
     """
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as file:
-            torch.save(obj, file)
+            try:
+                torch.save(obj, file)
+            except RuntimeError as err:
+                if isinstance(err.__context__, OSError):  # the write that failed, then torch closing the archive
+                    raise err.__context__ from None
+                raise
 
     return atomic_write(path, write, before_replace)
 

@@ -1141,9 +1141,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 130
     except OSError as problem:
+        described = write_problem(problem, where=args.out)
+        if described is not None:
+            return user_error(f"{described}; {args.out} is as it was before. Free some space or choose another --out.")
         where = f" at {problem.filename}" if problem.filename else ""
-        reason = write_problem(problem) or f"{problem.strerror or problem}{where}"
-        return user_error(f"cannot write to {args.out} ({reason}); free some space or choose a writable --out folder")
+        return user_error(
+            f"cannot write to {args.out} ({problem.strerror or problem}{where}); choose a writable --out folder"
+        )
     counts = summary.counts
     scale_note = "" if summary.scale == DEFAULT_SCALE else f", scale {summary.scale}"  # the demo's line as before
     print(

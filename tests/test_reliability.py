@@ -204,8 +204,8 @@ def test_prepare_names_what_it_cannot_write_in_one_line(tiny_market, tmp_path, m
         dst.write_text("mine")
     elif problem == "full disk":
 
-        def full(source, target, *args, **kwargs):
-            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        def full(source, target, *args, **kwargs):  # as shutil raises it: the source first, then the target
+            raise OSError(errno.ENOSPC, "No space left on device", str(source), None, str(target))
 
         monkeypatch.setattr(prepare_module.shutil, "copy2", full)
     else:
@@ -220,6 +220,8 @@ def test_prepare_names_what_it_cannot_write_in_one_line(tiny_market, tmp_path, m
     assert prepare_cli.main(["--src", str(tiny_market), "--dst", str(dst), "--link", "copy"]) == 2
     line = error_line(capsys, "prepare")
     assert {"full disk": "no space left", "a file": "is a file", "read-only": "read-only"}[problem] in line
+    if problem == "full disk":  # the disk of --dst is full, not that of the source
+        assert f"no space left on the disk holding {dst} " in line and str(tiny_market) not in line
     if problem == "a file":
         assert dst.read_text() == "mine"
     else:

@@ -5,6 +5,8 @@ a stale or damaged checkpoint, or put somewhere that cannot be written. Each cas
 or in one clear line and exit code 2.
 """
 
+import errno
+import io
 import math
 import multiprocessing
 import os
@@ -483,14 +485,28 @@ def test_overwrite_keeps_the_earlier_run_until_the_new_one_has_a_checkpoint(
                                                           "train.jpg"]  # fmt: skip
 
 
+class DiskWithLittleSpace(io.RawIOBase):
+    """A file on a disk with ``free`` bytes left: the write that needs more fails with ENOSPC, as a full disk's."""
+
+    def __init__(self, file, free: int) -> None:
+        self.file, self.free = file, free
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if len(data) > self.free:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.free -= len(data)
+        return self.file.write(data)
+
+
 def disk_full_on(monkeypatch, name: str) -> None:
-    """Writing the file ``name`` fails as on a full disk: its bytes go to /dev/full (ENOSPC on every write).
+    """Writing the file ``name`` fails as on a disk that fills up within it (a kilobyte into the file).
 
-    Given a path, ``torch.save`` then fails as it does on a real full disk (``RuntimeError: [enforce fail at
-    inline_container.cc] unexpected pos``); given a file object, with the ``OSError`` of the write.
+    ``torch.save`` then ends, as on a real full disk, in ``RuntimeError: [enforce fail at inline_container.cc:672]
+    . unexpected pos``, with the write's ``OSError`` behind it; train.jpg fails with the ``OSError``.
     """
-    import errno
-
     import matplotlib.figure
 
     from reid_utils import runs as runs_module
@@ -501,12 +517,10 @@ def disk_full_on(monkeypatch, name: str) -> None:
     def save(obj, file, *args, **kwargs):
         if ours not in str(getattr(file, "name", file)):
             return real_save(obj, file, *args, **kwargs)
-        if not os.path.exists("/dev/full"):  # not Linux: the error a full disk gives a Python file object
-            raise OSError(errno.ENOSPC, "No space left on device")
-        if isinstance(file, (str, os.PathLike)):
-            return real_save(obj, "/dev/full", *args, **kwargs)
-        with open("/dev/full", "wb") as full:
-            return real_save(obj, full, *args, **kwargs)
+        if isinstance(file, (str, os.PathLike)):  # torch.save(obj, path)
+            with open(file, "wb") as opened:
+                return real_save(obj, DiskWithLittleSpace(opened, 1000), *args, **kwargs)
+        return real_save(obj, DiskWithLittleSpace(file, 1000), *args, **kwargs)
 
     def savefig(figure, fname, *args, **kwargs):
         if ours in str(fname):
