@@ -10,6 +10,7 @@ handed another *backend*, an object that makes the datasets and loaders the same
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ MARKET_ENV_VAR = "MARKET1501_DIR"
 FORCE_ENV_VAR = "REID_DATASET"  # "synthetic" skips the search
 MARKET_FOLDER_NAMES = ("Market-1501-v15.09.15", "Market-1501")
 SYNTHETIC_FOLDER_NAME = "synthetic-market"
+PREPARED_MARKER = "PREPARED.json"  # written by reid_utils.prepare into every tree it builds
 
 # 0002_c1s1_000451_03.jpg -> pid 0002, camera 1, sequence 1, frame 000451, box 03.
 # Junk boxes use the pid -1 ("-1_c3s2_012345_02.jpg"); distractors use 0000.
@@ -251,6 +253,8 @@ def read_image(path: str) -> Image.Image:
         with open(path, "rb") as file:
             image = Image.open(file)
             return image.convert("RGB")  # convert() decodes the whole image: truncation shows up here
+    except Image.DecompressionBombError as err:  # Pillow's guard against images of billions of pixels
+        raise CorruptImageError(f"{path} is too large to read ({err}). Shrink or delete it.") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise CorruptImageError(f"{path} cannot be read as an image ({err}). Delete or replace it.") from None
 
@@ -294,18 +298,48 @@ def check_prepared(data_dir: Path, train_all: bool) -> str:
     train_folder = "train_all" if train_all else "train"
     for folder in (train_folder, "val"):
         if not (data_dir / folder).is_dir():
-            raise FileNotFoundError(
-                f"{data_dir / folder} not found: {data_dir} is not a prepared folder. "
-                f"Run `python -m reid_utils.prepare --src <Market-1501 folder> --dst {data_dir}` first."
-            )
+            raise FileNotFoundError(f"{data_dir / folder} not found: {not_prepared(data_dir)}")
     return train_folder
 
 
+def read_prepared_marker(folder: str | os.PathLike) -> dict | None:
+    """What ``PREPARED.json`` says about a tree ``reid_utils.prepare`` built (source, counts...), or None."""
+    try:
+        marker = json.loads((Path(folder) / PREPARED_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def not_prepared(data_dir: Path, tool: str = "--data_dir") -> str:
+    """Why ``data_dir`` is not a prepared folder, and the ``prepare`` command that makes one (it works as given).
+
+    A Market-1501 folder as downloaded is prepared into ``<its parent>/prepared/<its name>``; a damaged tree
+    that ``prepare`` made is rebuilt from the source its marker names; an empty or missing folder is filled.
+    """
+    command = "python -m reid_utils.prepare --src {src} --dst {dst}"
+    if is_market_folder(data_dir):
+        dst = data_dir.parent / "prepared" / data_dir.name
+        run = command.format(src=data_dir, dst=dst)
+        return (f"{data_dir} is a Market-1501 folder as downloaded, not a prepared one. Run `{run}` and pass "
+                f"{tool} {dst}.")  # fmt: skip
+    marker = read_prepared_marker(data_dir)
+    if marker is not None and marker.get("source"):
+        run = command.format(src=marker["source"], dst=data_dir)
+        return f"{data_dir} is an incomplete prepared folder. Run `{run}` to rebuild it."
+    if not data_dir.exists() or not any(data_dir.iterdir()):
+        run = command.format(src="<Market-1501 folder>", dst=data_dir)
+        return f"{data_dir} is not a prepared folder. Run `{run}` first."
+    run = command.format(src="<Market-1501 folder>", dst="<a new folder>")
+    return f"{data_dir} is not a prepared folder. Run `{run}` and pass {tool} <that folder>."
+
+
 def check_test_folder(folder: Path) -> None:
+    """A prepared ``query/`` or ``gallery/`` folder, or the ``prepare`` command that makes one."""
     if not folder.is_dir():
-        raise FileNotFoundError(
-            f"{folder} not found: pass --data_dir a prepared folder (python -m reid_utils.prepare makes one)."
-        )
+        raise FileNotFoundError(f"{folder} not found: --data_dir {not_prepared(folder.parent)}")
+    if is_market_folder(folder.parent):  # a raw Market folder has query/ too, without the identity sub-folders
+        raise FileNotFoundError(f"{folder} is not prepared: --data_dir {not_prepared(folder.parent)}")
 
 
 def derived_seed(*numbers: int) -> int:
@@ -415,6 +449,37 @@ class ClassicData:
         )
 
 
+def check_identities(data_dir: Path, train_folder: str, train: list[str], val: list[str]) -> None:
+    """At least two identities to tell apart, and no val identity the classifier never saw."""
+    if len(train) < 2:
+        raise ValueError(
+            f"{data_dir / train_folder} holds a single identity ({train[0] if train else 'none'}): a classifier "
+            f"over one class is always right and learns nothing. Re-ID training needs images of at least 2 people."
+        )
+    unknown = sorted(set(val) - set(train))
+    if unknown:
+        raise ValueError(
+            f"{data_dir / 'val'} holds identities that {train_folder}/ lacks ({', '.join(unknown[:3])}): "
+            f"{not_prepared(data_dir)}"
+        )
+
+
+def use_classes(dataset, classes: list[str]) -> None:
+    """Label ``dataset`` (classic or cached) with the class indices of ``classes``, a superset of its own.
+
+    ``prepare`` leaves identities with a single training image out of ``val/`` (the one image trains), so
+    ``val/`` may hold fewer identities than ``train/``; its labels must still be the training indices.
+    """
+    index = {name: i for i, name in enumerate(classes)}
+    own = dataset.classes
+    dataset.samples = [(path, index[own[target]]) for path, target in dataset.samples]
+    targets = [target for _, target in dataset.samples]
+    dataset.targets = torch.tensor(targets, dtype=torch.int64) if torch.is_tensor(dataset.targets) else targets
+    if hasattr(dataset, "imgs"):
+        dataset.imgs = dataset.samples
+    dataset.classes, dataset.class_to_idx = list(classes), index
+
+
 def build_dataloaders(
     data_dir: str | os.PathLike,
     batch_size: int = 32,
@@ -448,8 +513,9 @@ def build_dataloaders(
         "train": backend.dataset(data_dir / train_folder, height, width, True, erasing_p, color_jitter, skip_corrupt),
         "val": backend.dataset(data_dir / "val", height, width, skip_corrupt=skip_corrupt),
     }
-    if image_datasets["train"].classes != image_datasets["val"].classes:
-        raise ValueError(f"{data_dir}: train and val hold different identities; run prepare again.")
+    check_identities(data_dir, train_folder, image_datasets["train"].classes, image_datasets["val"].classes)
+    if image_datasets["val"].classes != image_datasets["train"].classes:  # identities of a single image
+        use_classes(image_datasets["val"], image_datasets["train"].classes)
     train_set = image_datasets["train"]
     train_sampler = training_sampler(train_set, train_set.targets, batch_size, instances, seed, shard)
     loaders = {  # seed + rank: under torchrun each process augments its images with its own random numbers

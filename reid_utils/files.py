@@ -8,6 +8,7 @@ run (its process is gone) from those of a run that is still going, and remove on
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -23,20 +24,114 @@ def temporary_name(path: Path, kind: str = "tmp") -> Path:
     return path.parent / f".{path.name}.{kind}-{os.getpid()}"
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """Call ``write(temporary path)``, then rename the result to ``path``.
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[Path], object], before_replace: Callable[[], object] | None = None
+) -> Path:
+    """Call ``write(temporary path)``, push the bytes to the disk, then rename the result to ``path``.
 
-    ``atomic_write(p, lambda tmp: torch.save(obj, tmp))``; the temporary file is removed when
-    ``write`` fails, so nothing half-written stays behind.
+    ``atomic_write(p, lambda tmp: tmp.write_text(text))``; the temporary file is removed when ``write``
+    fails, so nothing half-written stays behind. The file is synced before the rename (and the folder
+    after it): without that, a power cut shortly after can leave the new name pointing at an empty file.
+    ``before_replace`` runs once the new file is complete and synced, right before the rename: what the
+    new file replaces (an older run's checkpoints) is removed only when its replacement exists. An
+    ``OSError`` names ``path`` (not the temporary name) as its ``filename``.
     """
     path = Path(path)
     tmp = temporary_name(path)
     try:
         write(tmp)
+        sync_file(tmp)
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
+    except OSError as err:
+        if err.filename in (None, str(tmp)):
+            err.filename = str(path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+    sync_folder(path.parent)
     return path
+
+
+def sync_file(path: Path) -> None:
+    """``fsync`` one file: its bytes are on the disk, not only in the operating system's cache."""
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # Windows flushes only writable handles
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_folder(folder: Path) -> None:
+    """``fsync`` a folder, so that a rename inside it is on the disk too (POSIX only; best effort)."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a folder; the files themselves were synced
+        pass
+    finally:
+        os.close(fd)
+
+
+def sync_everything() -> None:
+    """Flush every file system's cache to disk once (``sync``): cheaper than one ``fsync`` per file of a
+    folder of thousands of images, before that folder is renamed into place."""
+    if hasattr(os, "sync"):
+        os.sync()
+
+
+# errno values that mean "this write cannot succeed here": the user frees space, or picks another folder
+DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def free_space(path: str | os.PathLike) -> int:
+    """Bytes free on the disk that holds ``path`` (or would hold it: the nearest existing folder above it)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def size_text(size: float) -> str:
+    """``12.3 MB``: a size for a message (decimal units, as disk tools show them)."""
+    if size < 1000:
+        return f"{size:.0f} bytes"
+    for unit in ("kB", "MB"):
+        size /= 1000
+        if size < 1000:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1000:.1f} GB"
+
+
+def write_problem(err: BaseException, where: str | os.PathLike | None = None) -> str | None:
+    """A failed write as words (``no space left on the disk holding X``), or None when it is no such failure.
+
+    A full disk, a read-only file system or a folder without write permission is the user's to fix;
+    the callers add what to do then. Anything else is left to propagate as it is. For a copy the error
+    names the source and then the target (``filename2``): the target is where the disk is full.
+    ``where``: what to name instead of the file (the folder the user gave rather than its temporary twin).
+    """
+    if not isinstance(err, OSError) or err.errno not in DISK_FULL | _NOT_WRITABLE:
+        return None
+    where = where or err.filename2 or err.filename
+    if err.errno in DISK_FULL:
+        if where is None:
+            return f"no space left on the disk ({err.strerror})"
+        try:
+            free = f", {size_text(free_space(where))} free"
+        except OSError:
+            free = ""
+        return f"no space left on the disk holding {where} ({err.strerror}{free})"
+    if err.errno == errno.EROFS:
+        return f"{where or 'the folder'} is on a read-only file system"
+    return f"no permission to write {where or 'there'} ({err.strerror})"
 
 
 def swap_into_place(staging: Path, target: Path) -> None:
@@ -71,6 +166,7 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
+        sync_everything()  # the files are on the disk before the folder takes the target's name
         swap_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -115,11 +115,21 @@ def _labels(pids: ArrayLike, cams: ArrayLike, count: int, side: str) -> tuple[np
     """pids and cameras as 1-D int64 arrays with one entry per row of the features."""
     out = []
     for name, values in ((f"{side}_pids", pids), (f"{side}_cams", cams)):
+        _check_whole_numbers(values, name)
         array = _as_array(values, np.int64)
         if array.ndim != 1 or len(array) != count:
             raise ValueError(f"{name} must be 1-D with {count} entries (one per {side} row), got shape {array.shape}")
         out.append(array)
     return out[0], out[1]
+
+
+def _check_whole_numbers(values: ArrayLike, name: str) -> None:
+    """Identities and cameras are whole numbers: a float label such as 1.5 would be cut to 1 without a word."""
+    array = _as_array(values, None)
+    if array.dtype.kind == "f" and not (np.isfinite(array).all() and (array == np.round(array)).all()):
+        raise ValueError(f"{name} must hold whole numbers (identity and camera ids), got {array.ravel()[:5]} ...")
+    if array.dtype.kind not in "iuf":
+        raise ValueError(f"{name} must hold whole numbers (identity and camera ids), got dtype {array.dtype}")
 
 
 def _features(features: ArrayLike, name: str, keep_float32: bool = False) -> np.ndarray:
@@ -782,8 +792,9 @@ def rank_gallery(
     Distractors (pid 0) stay and count as wrong. Ties keep gallery order; the scores are the ones
     ``evaluate`` ranks by, so the order is the one it scores.
     """
-    qf = _as_array(query_feature, np.float64).reshape(-1)
-    gf = _as_array(gallery_features, np.float64)
+    qf = _features(_as_array(query_feature, np.float64).reshape(1, -1), "query_feature")[0]
+    gf = _features(gallery_features, "gallery_features")
+    _check_whole_numbers([query_pid, query_cam], "query_pid and query_cam")
     gp, gc = _labels(gallery_pids, gallery_cams, len(gf), "gallery")
     scores = _dot_rows(gf, qf)
     return _ranked(-scores, scores, query_pid, query_cam, gp, gc)

@@ -56,7 +56,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from reid_utils.data import MARKET_FOLDERS, display_path
-from reid_utils.files import atomic_folder, replace_problem
+from reid_utils.files import atomic_folder, replace_problem, write_problem
 
 FORMAT_VERSION = 1
 MARKER = "IMPORTED.json"
@@ -344,7 +344,13 @@ def main(argv: list[str] | None = None) -> int:
         summary = import_crops(args.src, args.dst, args.test_fraction, cameras, args.seed, args.overwrite)
     except CropImportError as err:
         return user_error(str(err))
+    except KeyboardInterrupt:  # 130 = 128 + SIGINT, what shells report for Ctrl-C
+        print(f"\nown_data: interrupted; {args.dst} is as it was before. Run the same command again.", file=sys.stderr)
+        return 130
     except OSError as err:
+        described = write_problem(err, where=args.dst)
+        if described is not None:
+            return user_error(f"{described}; {args.dst} is as it was before. Free some space or choose another --dst.")
         where = f" at {err.filename}" if err.filename else ""
         return user_error(f"cannot write to {args.dst} ({err.strerror or err}{where}); choose a writable --dst.")
     ids = summary.identities

@@ -3,8 +3,8 @@
 ``python -m reid_utils.prepare --src data/Market-1501-v15.09.15 --dst data/prepared/Market``
 builds::
 
-    train/<pid>/...      every training image but one per identity
-    val/<pid>/...        exactly one image per training identity (the first by sorted name)
+    train/<pid>/...      every training image but one per identity (an identity's only image stays here)
+    val/<pid>/...        one image per training identity that has two or more (the first by sorted name)
     train_all/<pid>/...  every training image (the ``--train_all`` recipe)
     query/<pid>/...      the query images
     gallery/<pid>/...    bounding_box_test, including the 0000 distractors and -1 junk
@@ -27,11 +27,18 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from reid_utils.data import MARKET_FOLDERS, MarketNameError, display_path, parse_market_name
-from reid_utils.files import atomic_folder, one_at_a_time
+from reid_utils.data import (
+    MARKET_FOLDERS,
+    PREPARED_MARKER,
+    MarketNameError,
+    display_path,
+    parse_market_name,
+    read_prepared_marker,
+)
+from reid_utils.files import atomic_folder, one_at_a_time, write_problem
 
 FORMAT_VERSION = 1
-MARKER = "PREPARED.json"
+MARKER = PREPARED_MARKER
 # source folder -> prepared folder; train/val/train_all all come from bounding_box_train
 _SPLITS = {"query": "query", "bounding_box_test": "gallery", "gt_bbox": "multi-query"}
 
@@ -88,9 +95,15 @@ def _plan(src: Path) -> dict[str, list[tuple[Path, str]]]:
             plan[_SPLITS[source_name]] = [(img, pid) for pid, imgs in by_pid.items() for img in imgs]
             continue
         for pid, imgs in by_pid.items():
-            plan["val"].append((imgs[0], pid))  # first by sorted name: deterministic
-            plan["train"] += [(img, pid) for img in imgs[1:]]
+            held_out = 1 if len(imgs) > 1 else 0  # an identity's only image trains: val cannot test a class never seen
+            plan["val"] += [(img, pid) for img in imgs[:held_out]]  # first by sorted name: deterministic
+            plan["train"] += [(img, pid) for img in imgs[held_out:]]
             plan["train_all"] += [(img, pid) for img in imgs]
+        if not plan["val"]:
+            raise PrepareError(
+                f"no identity in {folder} has two images or more: val/ would be empty (training holds one image "
+                f"of each identity out to measure itself). Add a second image of some identities."
+            )
     return dict(plan)
 
 
@@ -109,11 +122,9 @@ def _place(source: Path, target: Path, mode: str) -> str:
     return mode
 
 
-def _read_marker(dst: Path) -> dict | None:
-    try:
-        return json.loads((dst / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
+def tree_counts(dst: Path, folders) -> dict[str, int]:
+    """Images per prepared folder as they are on the disk now (a file deleted or added by hand shows here)."""
+    return {folder: sum(1 for p in (dst / folder).glob("*/*") if p.is_file()) for folder in folders}
 
 
 def prepare_market(
@@ -141,11 +152,16 @@ def prepare_market(
 
 def _reuse(dst: Path, src: Path, wanted: dict, counts: dict, identities: dict, quiet: bool) -> PrepareSummary | None:
     """The summary of an existing tree prepared from the same source, or None; refuses a folder of the user's."""
-    marker = _read_marker(dst)
-    if marker is not None and {k: marker.get(k) for k in wanted} == wanted:
+    if dst.exists() and not dst.is_dir():
+        raise PrepareError(f"--dst {dst} is a file, not a folder. Choose a new --dst.")
+    marker = read_prepared_marker(dst)
+    same = marker is not None and {k: marker.get(k) for k in wanted} == wanted
+    if same and tree_counts(dst, counts) == counts:
         if not quiet:
             print(f"{display_path(dst)} is already prepared from {display_path(src)}: nothing to do.")
         return PrepareSummary(dst, counts, identities, reused=True)
+    if same and not quiet:
+        print(f"{display_path(dst)} no longer holds every file it was prepared with: building it again.")
     if dst.exists() and marker is None and any(dst.iterdir()):
         raise PrepareError(f"{dst} exists and is not a prepared folder. Choose an empty or new --dst, or delete it.")
     return None
@@ -162,6 +178,10 @@ def _build(dst: Path, src: Path, plan: dict, wanted: dict, identities: dict, lin
     if not quiet:
         how = {"hardlink": "hard links", "symlink": "symbolic links", "copy": "copies"}[mode]
         print(f"Prepared {display_path(dst)} from {display_path(src)} ({how}).")
+        single = identities.get("train_all", 0) - identities.get("val", 0)
+        if single:
+            print(f"Note: {single} identities have a single training image: it is in train/ and train_all/, "
+                  f"and val/ holds none of them.")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +197,19 @@ def main(argv: list[str] | None = None) -> int:
         summary = prepare_market(args.src, args.dst, link=args.link)
     except PrepareError as err:
         print(f"prepare: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # 130 = 128 + SIGINT, what shells report for Ctrl-C
+        print(f"\nprepare: interrupted; {args.dst} is as it was before. Run the same command again.", file=sys.stderr)
+        return 130
+    except OSError as err:
+        problem = write_problem(err, where=args.dst)
+        if problem is None:
+            raise
+        print(
+            f"prepare: error: {problem}; {args.dst} is as it was before. Free some space or choose a --dst "
+            f"you can write to (on the disk of --src, hard links need almost no space).",
+            file=sys.stderr,
+        )
         return 2
     for folder, n in summary.counts.items():
         print(f"  {folder:<12} {n:>6} images  {summary.identities[folder]:>5} identities")

@@ -138,6 +138,23 @@ def _as_float32(x: ArrayLike, name: str) -> np.ndarray:
     return array
 
 
+def _check_distances(square: np.ndarray, name: str) -> None:
+    """Refuse similarities passed as distances: re-ranking them returns a normal-looking, wrong matrix.
+
+    Every item is nearest to itself, so a distance matrix's diagonal is the smallest value of its row; in
+    a similarity matrix it is the largest.
+    """
+    if len(square) < 2:
+        return
+    tolerance = 1e-4 * max(float(np.abs(square).max()), 1e-12)  # float32 rounding of a computed zero
+    if np.any(np.diagonal(square) > square.min(axis=1) + tolerance):
+        raise ValueError(
+            f"{name} looks like similarities, not distances: an item against itself (the diagonal) is not the "
+            f"smallest value of its row. Pass distances (smaller = closer), e.g. 2 - 2 * cosine similarity, or "
+            f"call rerank_features with the features."
+        )
+
+
 # --------------------------------------------------------------------------------------------------
 # Where the pool's distances come from
 # --------------------------------------------------------------------------------------------------
@@ -468,6 +485,8 @@ def k_reciprocal_rerank(
     q_g = _as_float32(q_g_dist, "q_g_dist")
     q_q = _as_float32(q_q_dist, "q_q_dist")
     g_g = _as_float32(g_g_dist, "g_g_dist")
+    _check_distances(q_q, "q_q_dist")
+    _check_distances(g_g, "g_g_dist")
     if num_query == 0 or num_gallery == 0:
         return q_g.copy()
     return _rerank(_MatrixPool(q_q, q_g, g_g), k1, k2, lambda_value)

@@ -127,8 +127,15 @@ class TrainOptions:
             raise TrainError(f"--seed must be between 0 and 2**31, got {self.seed}.")
         if self.num_workers is not None and self.num_workers < 0:
             raise TrainError(f"--num_workers must be 0 (load in the main process) or more, got {self.num_workers}.")
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
-            raise TrainError(f"--name '{self.name}' may only use letters, digits, '_', '-' and '.'.")
+        check_run_name(self.name)
+
+
+def check_run_name(name: str) -> None:
+    """A run's name is one plain folder inside ``--model_dir``: never ``..`` (its parent) or ``.`` (itself)."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise TrainError(f"--name '{name}' may only use letters, digits, '_', '-' and '.'.")
+    if name.startswith("."):  # "..", "." and hidden names (the tools' own temporaries start with a dot)
+        raise TrainError(f"--name '{name}' may not start with '.': it would name another folder. Use e.g. --name run1.")
 
 
 # What a resumed run takes from the command line: where it is, where its data is, how long it goes on, and
@@ -219,15 +226,38 @@ class DamagedCheckpointError(TrainError):
     """A checkpoint file that cannot be read: empty, cut short, or not a checkpoint."""
 
 
-def save_checkpoint(checkpoint: dict, path: str | os.PathLike, saved_as: Path | None = None) -> Path:
-    """``torch.save`` through a temporary file: a crash never leaves a half-written checkpoint.
+def save_checkpoint(
+    checkpoint: dict, path: str | os.PathLike, saved_as: Path | None = None, before_replace=None
+) -> Path:
+    """``torch.save`` through a synced temporary file: a crash never leaves a half-written or empty checkpoint.
 
     ``saved_as``: a file this very checkpoint was just saved to (the last epoch's numbered one), copied
     instead of serialised again. A copy, not a link: a later write to one file never changes the other.
+    ``before_replace``: see ``files.atomic_write`` (an older run's files go only once this one is written).
     """
     if saved_as is not None:
-        return atomic_write(path, lambda tmp: shutil.copyfile(saved_as, tmp))
-    return atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+        return atomic_write(path, lambda tmp: shutil.copyfile(saved_as, tmp), before_replace)
+    return save_torch(checkpoint, path, before_replace)
+
+
+def save_torch(obj, path: str | os.PathLike, before_replace=None) -> Path:
+    """``torch.save`` through ``atomic_write``, a full disk reported as the ``OSError`` (ENOSPC) it is.
+
+    ``torch.save`` reports a disk that fills up in the middle of a file as ``RuntimeError: [enforce fail
+    at inline_container.cc:672] . unexpected pos``. Writing into a Python file object opened here, the
+    write's own ``OSError`` is raised first, and is found behind that ``RuntimeError``.
+    """
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as file:
+            try:
+                torch.save(obj, file)
+            except RuntimeError as err:
+                if isinstance(err.__context__, OSError):  # the write that failed, then torch closing the archive
+                    raise err.__context__ from None
+                raise
+
+    return atomic_write(path, write, before_replace)
 
 
 def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
@@ -359,6 +389,28 @@ class RunLock:
             RunLock._held.discard(self.folder.resolve())
             os.close(self._fd)  # closing releases the lock
             self._fd = None
+
+
+RUN_FILES = (OPTIONS_FILE, LAST_CHECKPOINT, "train.jpg", "features.pt", LOCK_FILE)
+
+
+def foreign_files(folder: str | os.PathLike) -> list[str]:
+    """Names in ``folder`` that no tool of the series writes into a run folder (a user's own files)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    ours = re.compile(r"net_\d{3}\.pth|\..+\.(tmp|old)-\d+")
+    return sorted(p.name for p in folder.iterdir() if p.name not in RUN_FILES and not ours.fullmatch(p.name))
+
+
+def remove_run_files(folder: str | os.PathLike) -> None:
+    """Delete a run's checkpoints, curves and features (what a new run of the same name replaces).
+
+    ``opts.yaml`` is left for the new run to overwrite, and files of the user's are never touched.
+    """
+    folder = Path(folder)
+    for old in [*checkpoints(folder), *(folder / name for name in (LAST_CHECKPOINT, "train.jpg", "features.pt"))]:
+        old.unlink(missing_ok=True)
 
 
 def remove_unused_run(folder: str | os.PathLike) -> None:

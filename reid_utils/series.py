@@ -19,7 +19,10 @@ import re
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
+
+from reid_utils.files import atomic_write, write_problem
 
 # What the tests run under (conftest.py calls this too): the same outputs on every machine.
 # The committed outputs were computed with two threads (the CI machine's cores); a machine with more cores
@@ -178,7 +181,7 @@ def environment_problem() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from reid_utils.data import display_path, repo_root  # here, not above: the tests' setup imports this module
+    from reid_utils.data import repo_root  # here, not above: the tests' setup imports this module
     from reid_utils.train import PROFILES
 
     parser = argparse.ArgumentParser(prog="python -m reid_utils.series", description=__doc__.splitlines()[0])
@@ -193,8 +196,6 @@ def main(argv: list[str] | None = None) -> int:
         "--no_execute", action="store_true", help="use the committed outputs as they are (with --html: fast export)"
     )
     args = parser.parse_args(argv)
-
-    import nbformat
 
     folder = args.notebooks or repo_root() / "notebooks"
     paths = notebook_paths(folder, args.only)
@@ -214,7 +215,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"series: error: {problem}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    outcomes = []
+    outcomes: list[tuple[Path, float, str]] = []
+    try:
+        run_all(paths, out, args, outcomes)
+    except KeyboardInterrupt:  # 130 = 128 + SIGINT, what shells report for Ctrl-C
+        done = f"; the {len(outcomes)} notebooks before it were written" if outcomes else ""
+        print(f"\nseries: interrupted{done}. Run the same command again.", file=sys.stderr)
+        return 130
+    except OSError as err:
+        problem = write_problem(err)
+        if problem is None:
+            raise
+        print(f"series: error: {problem}. Free some space or choose another --out.", file=sys.stderr)
+        return 2
+    print()
+    for path, seconds, outcome in outcomes:
+        print(f"{path.name:<40} {seconds:6.1f} s  {outcome}")
+    print(f"{'all notebooks':<40} {sum(s for _, s, _ in outcomes):6.1f} s")
+    if args.html:
+        write_index(paths, out / "html" / "index.html")
+        print(f"HTML pages: {out / 'html' / 'index.html'}")
+    failures = sum(outcome == "FAILED" for _, _, outcome in outcomes)
+    if failures:
+        print(f"series: {failures} of {len(outcomes)} notebooks failed (see the lines above).", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_all(paths: list[Path], out: Path, args: argparse.Namespace, outcomes: list) -> None:
+    """Execute (or read) each notebook and write it out, appending ``(path, seconds, outcome)`` to ``outcomes``.
+
+    Each notebook is written through a temporary file: ``--inplace`` rewrites the committed notebooks, and a
+    Ctrl-C or a full disk in the middle of one must not leave it cut short.
+    """
+    import nbformat
+
+    from reid_utils.data import display_path
+
     for path in paths:
         started = time.perf_counter()
         try:
@@ -228,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             failed = out / "failed" / path.name
             failed.parent.mkdir(parents=True, exist_ok=True)
-            nbformat.write(notebook, failed)
+            atomic_write(failed, partial(nbformat.write, notebook))
             line = failure_line(path, notebook, err, args.timeout)
             print(f"series: error: {line} (the notebook as far as it ran: {display_path(failed)})", file=sys.stderr)
             outcomes.append((path, time.perf_counter() - started, "FAILED"))
@@ -236,22 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - started
         target = path if args.inplace else out / "notebooks" / path.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        nbformat.write(notebook, target)
+        atomic_write(target, partial(nbformat.write, notebook))
         if args.html:
             export_html(notebook, out / "html" / path.with_suffix(".html").name)
         outcomes.append((path, seconds, f"ok -> {display_path(target)}"))
-    print()
-    for path, seconds, outcome in outcomes:
-        print(f"{path.name:<40} {seconds:6.1f} s  {outcome}")
-    print(f"{'all notebooks':<40} {sum(s for _, s, _ in outcomes):6.1f} s")
-    if args.html:
-        write_index(paths, out / "html" / "index.html")
-        print(f"HTML pages: {out / 'html' / 'index.html'}")
-    failures = sum(outcome == "FAILED" for _, _, outcome in outcomes)
-    if failures:
-        print(f"series: {failures} of {len(outcomes)} notebooks failed (see the lines above).", file=sys.stderr)
-        return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import tokenize
 from pathlib import Path
 
 from reid_utils.data import display_path, repo_root
-from reid_utils.files import atomic_folder, replace_problem
+from reid_utils.files import atomic_folder, replace_problem, write_problem
 from reid_utils.series import notebook_paths
 
 SOLUTION_TAG = "solution"
@@ -148,7 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     if refusal:
         print(f"student: error: {refusal}.", file=sys.stderr)
         return 2
-    written = write_student_copy(paths, out)
+    try:
+        written = write_student_copy(paths, out)
+    except KeyboardInterrupt:  # 130 = 128 + SIGINT, what shells report for Ctrl-C
+        print(f"\nstudent: interrupted; {display_path(out)} is as it was before. Run the same command again.",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    except OSError as err:
+        problem = write_problem(err)
+        if problem is None:
+            raise
+        print(f"student: error: {problem}. Free some space or choose a writable --out.", file=sys.stderr)
+        return 2
     for target, exercises in written:
         print(f"{target.name:<40} {exercises} exercise{'s' if exercises != 1 else ''} stubbed")
     print(f"student copy: {len(written)} notebooks in {display_path(out)}/, outputs cleared")

@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
 
-from reid_utils.files import atomic_folder, replace_problem
+from reid_utils.files import atomic_folder, replace_problem, write_problem
 
 FORMAT_VERSION = 1
 SUMMARY_FILE = "SYNTHETIC.json"
@@ -1136,10 +1136,18 @@ def main(argv: list[str] | None = None) -> int:
         )
     except OutputExistsError as problem:
         return user_error(str(problem))
+    except KeyboardInterrupt:  # 130 = 128 + SIGINT, what shells report for Ctrl-C
+        print(f"\n{parser.prog}: interrupted; {args.out} is as it was before. Run the same command again.",
+              file=sys.stderr)  # fmt: skip
+        return 130
     except OSError as problem:
+        described = write_problem(problem, where=args.out)
+        if described is not None:
+            return user_error(f"{described}; {args.out} is as it was before. Free some space or choose another --out.")
         where = f" at {problem.filename}" if problem.filename else ""
-        reason = problem.strerror or str(problem)
-        return user_error(f"cannot write to {args.out} ({reason}{where}); choose a writable --out folder")
+        return user_error(
+            f"cannot write to {args.out} ({problem.strerror or problem}{where}); choose a writable --out folder"
+        )
     counts = summary.counts
     scale_note = "" if summary.scale == DEFAULT_SCALE else f", scale {summary.scale}"  # the demo's line as before
     print(

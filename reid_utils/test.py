@@ -21,7 +21,7 @@ from torch import nn
 
 from reid_utils.data import ClassicData, DataBackend, check_test_folder, display_path, error_line, parse_market_name
 from reid_utils.fastdata import CachedData
-from reid_utils.files import atomic_write
+from reid_utils.files import write_problem
 from reid_utils.metrics import Evaluation, evaluate
 from reid_utils.model import ReIDNet, build_model, check_weights_fit, select_device, unwrap
 from reid_utils.runs import (
@@ -29,9 +29,11 @@ from reid_utils.runs import (
     TrainError,
     TrainOptions,
     check_checkpoint_matches,
+    check_run_name,
     checkpoints_newest_first,
     load_checkpoint,
     load_options,
+    save_torch,
 )
 
 
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--which_epoch must be 'last' or an epoch number, not {args.which_epoch!r}")
     run = Path(args.model_dir) / args.name
     try:
+        check_run_name(args.name)
         device, _ = select_device(args.gpu_ids)
         model, opts = load_trained_model(run, device, args.which_epoch)
         backend = CachedData(device=device) if args.fast_data else ClassicData()
@@ -189,14 +192,22 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainError, FileNotFoundError, ValueError) as err:
         print(f"test: error: {error_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # 130 = 128 + SIGINT, what shells report for Ctrl-C
+        print("\ntest: interrupted; nothing was written. Run the same command again.", file=sys.stderr)
+        return 130
     print(result.summary())  # the numbers first: a failure to save must not lose them
     features = {split: vars(feature_set) for split, feature_set in sets.items()}
     try:
-        target = atomic_write(run / "features.pt", lambda tmp: torch.save(features, tmp))
+        target = save_torch(features, run / "features.pt")
     except OSError as err:
+        reason = write_problem(err) or err.strerror or str(err)
         print(f"test: error: the results above are complete, but {run / 'features.pt'} could not be written "
-              f"({err.strerror or err}).", file=sys.stderr)  # fmt: skip
+              f"({reason}).", file=sys.stderr)  # fmt: skip
         return 2
+    except KeyboardInterrupt:
+        print(f"\ntest: interrupted; the results above are complete, {run / 'features.pt'} was not written.",
+              file=sys.stderr)  # fmt: skip
+        return 130
     print(f"Features saved to {display_path(target)}")
     return 0
 

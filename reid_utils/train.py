@@ -20,7 +20,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -40,22 +40,26 @@ from reid_utils.data import (
     find_dataset,
 )
 from reid_utils.fastdata import CachedData
-from reid_utils.files import remove_stale_temporaries
+from reid_utils.files import DISK_FULL, free_space, remove_stale_temporaries, size_text, write_problem
 from reid_utils.losses import ReIDLoss, WarmUp
 from reid_utils.model import BACKBONES, build_model, check_weights_fit, parameter_groups, select_device, unwrap
 from reid_utils.runs import (
     LAST_CHECKPOINT,
+    THIS_MACHINE,
+    WHERE,
     DamagedCheckpointError,
     RunLock,
     TrainError,
     TrainOptions,
     check_checkpoint_matches,
+    checkpoint_epoch,
     checkpoint_name,
-    checkpoints,
     checkpoints_newest_first,
+    foreign_files,
     latest_checkpoint,
     load_checkpoint,
     load_options,
+    remove_run_files,
     remove_unused_run,
     resume_options,
     run_dir,
@@ -213,9 +217,56 @@ def data_backend(opts: TrainOptions, device: torch.device):
     return ClassicData(opts.num_workers)
 
 
+@dataclass
+class RunProgress:
+    """How far a call of ``train`` got: what an interruption or a failed write reports."""
+
+    total_epoch: int
+    save_every: int
+    epoch: int = 0  # the epoch running now (1-based); 0: not started yet
+    newest: Path | None = None  # the newest checkpoint of this run (written now, or resumed from)
+    replacing: bool = False  # an earlier run of the name is still in the folder, untouched
+
+    def what_is_kept(self, folder: Path) -> str:
+        """``the newest checkpoint is ...`` / ``no checkpoint ... yet; the earlier run ... is unchanged``."""
+        if self.newest is not None:
+            return f"the newest checkpoint is {display_path(self.newest)}"
+        first = min(self.save_every, self.total_epoch)
+        kept = f"; the earlier run in {display_path(folder)} is unchanged" if self.replacing else ""
+        return f"no checkpoint of this run was written yet (the first comes after epoch {first}){kept}"
+
+    def next_step(self, resume: str, again: str) -> str:
+        """What to do to go on: ``resume`` when there is a checkpoint to continue from, else ``again``."""
+        return f"{resume} to continue from it" if self.newest is not None else f"{again} to start over"
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or Jupyter's stop button during ``train``: where it stopped, what is kept, how to go on.
+
+    A ``KeyboardInterrupt`` still (anything that stops on Ctrl-C stops on it), with a message instead of
+    the torch internals the interrupt happened to land in; Jupyter shows only that line
+    (``_render_traceback_``, IPython's hook for exceptions that render themselves).
+    """
+
+    def __init__(self, folder: Path, progress: RunProgress) -> None:
+        self.folder, self.progress = folder, progress
+        again = "call train(options, resume='auto') again"  # what notebook 03's cell does when run again
+        super().__init__(f"training {self.line(again, again)}")
+
+    def line(self, resume: str, again: str) -> str:
+        """``interrupted in epoch 3 of 12; <what is kept>. <What to do>.``"""
+        stage = f"in epoch {self.progress.epoch} of {self.progress.total_epoch}" if self.progress.epoch else (
+            "before the first epoch")  # fmt: skip
+        step = self.progress.next_step(resume, again)
+        return f"interrupted {stage}; {self.progress.what_is_kept(self.folder)}. {step[0].upper()}{step[1:]}."
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
 def train(
     opts: TrainOptions,
-    resume: bool = False,
+    resume: bool | str = False,
     overwrite: bool = False,
     quiet: bool = False,
     return_model: bool = False,
@@ -223,16 +274,27 @@ def train(
 ):
     """Train (or resume) a run; returns the history of losses, errors and skipped batches (and the model).
 
-    ``overwrite`` deletes an earlier run of the same name; without it or ``resume`` an existing run is an
+    ``overwrite`` replaces an earlier run of the same name; without it or ``resume`` an existing run is an
     error, so checkpoints of two runs never mix, and a run folder in use by another training is refused.
-    ``resume`` continues the newest readable checkpoint of the folder ``opts`` points to; ``given`` names the
-    options the user gave for it (``None``: all of ``opts``; see ``runs.resume_options``). Under ``torchrun``
-    every process runs this function; only rank 0 prints, draws and writes files.
+    The earlier run stays whole until the new one has written its first checkpoint: a new run that fails
+    or is stopped before that loses nothing. ``resume`` continues the newest readable checkpoint of the
+    folder ``opts`` points to; ``given`` names the options the user gave for it (``None``: all of ``opts``;
+    see ``runs.resume_options``). ``resume="auto"`` continues a run of these same options that stopped
+    early, and otherwise starts afresh as ``overwrite`` does (what a notebook cell run again wants).
+    Ctrl-C raises ``TrainingInterrupted``, which says what is kept. Under ``torchrun`` every process runs
+    this function; only rank 0 prints, draws and writes files.
     """
+    if resume not in (True, False, "auto"):
+        raise ValueError(f"resume must be True, False or 'auto', not {resume!r}")
     opts.check()
     rank, world_size = distributed.distributed_context()
     folder = run_dir(opts)
     created = not folder.exists()
+    if not created and not holds_checkpoints(folder) and foreign_files(folder):
+        raise TrainError(
+            f"{folder} is not a run folder (it holds {', '.join(foreign_files(folder)[:3])}): training would write "
+            f"its files among them. Choose another --name or --model_dir."
+        )
     lock, problem = RunLock(folder), None
     if rank == 0:  # the first write into the folder: an unwritable one is found before any work
         try:
@@ -241,8 +303,14 @@ def train(
             problem = err
     if distributed.sum_over_processes([problem is not None])[0]:  # all processes stop together
         raise problem or TrainError(f"the first process could not take {folder}: see its message.")
+    progress = RunProgress(opts.total_epoch, opts.save_every)
     try:
-        return _train_in(folder, opts, resume, overwrite, quiet or rank != 0, return_model, given, rank, world_size)
+        return _train_in(folder, opts, resume, overwrite, quiet or rank != 0, return_model, given, rank, world_size,
+                         progress)  # fmt: skip
+    except KeyboardInterrupt:
+        if rank == 0 and created:
+            remove_unused_run(folder)
+        raise TrainingInterrupted(folder, progress) from None
     except BaseException:
         if rank == 0 and created:
             remove_unused_run(folder)  # a run that never wrote a checkpoint leaves no folder behind
@@ -251,21 +319,95 @@ def train(
         lock.release()
 
 
-def _train_in(folder, opts, resume, overwrite, quiet, return_model, given, rank, world_size):
+def holds_checkpoints(folder: Path) -> bool:
+    """Whether ``folder`` holds any checkpoint, readable or not (then it is a run folder)."""
+    return bool(checkpoints_newest_first(folder))
+
+
+def auto_resume(folder: Path, found: list, opts: TrainOptions) -> tuple[bool, str]:
+    """For ``resume="auto"``: whether to continue the run in ``folder``, and a notice saying why not.
+
+    Continued: a run of these same options (the machine's settings and the epoch count aside) that has not
+    finished. Started afresh: a finished run (training again is what a cell run again asks for), or one with
+    other options (the new options are what the user wants now).
+    """
+    readable = [(path, epoch) for path, epoch in found if epoch is not None]
+    if not readable:
+        return False, ""
+    newest, epoch = readable[0]
+    if epoch >= opts.total_epoch and newest.name == LAST_CHECKPOINT:
+        return False, ""
+    try:
+        saved = load_options(folder)
+    except TrainError as err:
+        return False, f"Note: {err} Training {opts.name} afresh."
+    changed = [
+        f"{key} {getattr(saved, key)} -> {getattr(opts, key)}"
+        for key in (f.name for f in fields(TrainOptions))
+        if key not in (*WHERE, *THIS_MACHINE, "num_classes") and getattr(saved, key) != getattr(opts, key)
+    ]
+    if changed:
+        return False, (
+            f"Note: {display_path(folder)} holds a run stopped after epoch {epoch} with other options "
+            f"({', '.join(changed[:4])}): training afresh; that run stays until this one's first checkpoint."
+        )
+    return True, ""
+
+
+def checkpoint_bytes(model: nn.Module) -> int:
+    """About how large one checkpoint of ``model`` is: its weights and buffers, and SGD's momentum per weight."""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    momentum = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return int((state + momentum) * 1.01) + 100_000  # pickled names, the history, the random state
+
+
+def check_free_space(folder: Path, model: nn.Module, opts: TrainOptions, epochs: range, quiet: bool) -> None:
+    """Refuse a run whose next checkpoint cannot fit on the disk (before hours of work), warn when later ones won't."""
+    size, free = checkpoint_bytes(model), free_space(folder)
+    if free < size:
+        raise TrainError(
+            f"the disk holding {folder} has {size_text(free)} free, and a checkpoint of this run takes about "
+            f"{size_text(size)}. Free some space, or choose a --model_dir on another disk."
+        )
+    count = sum(1 for e in epochs if (e + 1) % opts.save_every == 0) + 1  # and net_last.pth
+    if free < count * size and not quiet:
+        print(f"Note: this run writes {count} checkpoints of about {size_text(size)}, and the disk holding {folder} "
+              f"has {size_text(free)} free: it fills up before the end unless space is freed.")  # fmt: skip
+
+
+def write_failed(err: OSError, folder: Path, progress: RunProgress) -> TrainError | None:
+    """A full disk, read-only or unwritable folder while saving, as one line with what to do then."""
+    problem = write_problem(err)
+    if problem is None:
+        return None
+    kept = progress.what_is_kept(folder)
+    fix = "free some space" if err.errno in DISK_FULL else "make the folder writable (or move the run elsewhere)"
+    step = progress.next_step("run the same command with --resume", "run the same command again")
+    return TrainError(f"{problem}. {kept[0].upper()}{kept[1:]}: {fix}, then {step}.")
+
+
+def _train_in(folder, opts, resume, overwrite, quiet, return_model, given, rank, world_size, progress):
     """``train`` once the run folder is held: options, data, model, the epochs, the checkpoints."""
     main_process = rank == 0  # only it prints, draws and saves
     if main_process:
         remove_stale_temporaries(folder)  # half-written checkpoints of killed runs
     found = checkpoints_newest_first(folder)
-    checkpoint = None
+    if resume == "auto":
+        resume, notice = auto_resume(folder, found, opts)
+        overwrite = overwrite or not resume
+        if notice and not quiet:
+            print(notice)
+    checkpoint, requested = None, opts
     if resume:
         if not found:
             raise TrainError(f"--resume: no checkpoint in {folder}. Start the run without --resume.")
         opts, notice = resume_options(load_options(folder), opts, given)
         opts.check()
+        progress.total_epoch, progress.save_every = opts.total_epoch, opts.save_every
         if notice and not quiet:
             print(notice)
         checkpoint, resumed_from = newest_readable_checkpoint(found, quiet)
+        progress.newest = resumed_from
         check_checkpoint_matches(checkpoint, opts, resumed_from)
         if opts.total_epoch < checkpoint["epoch"]:
             raise TrainError(
@@ -275,13 +417,11 @@ def _train_in(folder, opts, resume, overwrite, quiet, return_model, given, rank,
     elif found:
         if not overwrite:
             raise TrainError(f"{folder} already holds a run. Pass --resume to continue it, or choose another --name.")
-        if main_process:
-            for old in [*checkpoints(folder), *(folder / f for f in (LAST_CHECKPOINT, "train.jpg", "features.pt"))]:
-                old.unlink(missing_ok=True)
+        progress.replacing = True  # its files go when this run has written its first checkpoint
     if world_size > 1:
         device = torch.device(f"cuda:{distributed.local_rank()}" if torch.cuda.is_available() else "cpu")
         gpu_ids: list[int] = []
-        distributed.barrier()  # nobody starts before the old run is cleared away
+        distributed.barrier()  # every process has read the folder before the first one writes into it
     else:
         device, gpu_ids = select_device(opts.gpu_ids, quiet=quiet)
     if len(gpu_ids) > 1 and opts.triplet_weight > 0:
@@ -303,7 +443,8 @@ def _train_in(folder, opts, resume, overwrite, quiet, return_model, given, rank,
             f"run {opts.name} was trained on {opts.num_classes} identities, {opts.data_dir} has "
             f"{len(class_names)}. Resume with the same --data_dir, or start a new --name."
         )
-    opts.num_classes = len(class_names)
+    opts.num_classes = requested.num_classes = len(class_names)  # filled in for the caller too, resumed or not
+    check_batches_fit(loaders, opts)
 
     model = build_model(opts, pretrained=opts.pretrained and not resume, quiet=quiet).to(device)
     criterion = ReIDLoss(opts.label_smoothing, opts.triplet_weight, opts.triplet_margin).watch(model)
@@ -359,20 +500,27 @@ def _train_in(folder, opts, resume, overwrite, quiet, return_model, given, rank,
             scaler.load_state_dict(checkpoint["scaler"])  # the float16 loss scale reached so far
         if not quiet:
             print(f"Resuming {opts.name} from {resumed_from.name} (epoch {start_epoch} of {opts.total_epoch}).")
-    if main_process:
-        save_options(opts, folder)
     curves = TrainingCurves(folder / "train.jpg", live=False if quiet else None)  # quiet: no live figure
-    progress = None
+    curves.updates = history.get("curve_updates", 0)  # a resumed run counts the redraws before it too
+    if main_process:
+        check_free_space(folder, unwrap(model), opts, range(start_epoch, opts.total_epoch), quiet)
+        if not progress.replacing:  # a replaced run's opts.yaml goes with its checkpoints, not before
+            _saving(folder, progress, save_options, opts, folder)
+        if checkpoint is not None and start_epoch == opts.total_epoch and resumed_from.name != LAST_CHECKPOINT:
+            # the run ended, but net_last.pth is missing (killed while it was copied): put it in place now
+            _saving(folder, progress, save_checkpoint, checkpoint, folder / LAST_CHECKPOINT, resumed_from)
+    bar = None
     if not quiet:  # one bar for the whole run, counting images; it ends at 100 %
         total = images_to_come(loaders, range(start_epoch, opts.total_epoch))
-        progress = tqdm(total=total, unit="img", desc=opts.name, leave=True)
+        bar = tqdm(total=total, unit="img", desc=opts.name, leave=True)
 
     try:
         for epoch in range(start_epoch, opts.total_epoch):
+            progress.epoch = epoch + 1
             started = time.perf_counter()
             loaders["train"].sampler.set_epoch(epoch)  # this epoch's order and augmentation follow from it
             for phase in ("train", "val"):
-                loader = loaders[phase] if progress is None else Counted(loaders[phase], progress)
+                loader = loaders[phase] if bar is None else Counted(loaders[phase], bar)
                 result = train_one_phase(model, loader, phase, criterion, step_optimizer, device)
                 if phase == "train":  # every process saw its own share: add them up
                     result = PhaseResult(*distributed.sum_over_processes(result))
@@ -382,16 +530,16 @@ def _train_in(folder, opts, resume, overwrite, quiet, return_model, given, rank,
                         f"({sizes[phase]} images). Use a smaller --batchsize."
                     )
                 if not math.isfinite(result.loss):
-                    raise diverged(folder, opts, epoch + 1, result.loss)
+                    raise diverged(folder, opts, epoch + 1, result.loss, progress.newest)
                 history[f"{phase}_loss"].append(result.loss)
                 history[f"{phase}_err"].append(1.0 - result.accuracy)
                 if phase == "train":
                     history["skipped"].append(int(result.skipped))
             scheduler.step()
             history["seconds"].append(time.perf_counter() - started)
-            if progress is not None:
-                progress.set_postfix(epoch=epoch + 1, loss=f"{history['train_loss'][-1]:.3f}",
-                                     val_err=f"{history['val_err'][-1]:.3f}")  # fmt: skip
+            if bar is not None:
+                bar.set_postfix(epoch=epoch + 1, loss=f"{history['train_loss'][-1]:.3f}",
+                                val_err=f"{history['val_err'][-1]:.3f}")  # fmt: skip
             done = epoch + 1
             checkpoint_due = done % opts.save_every == 0 or done == opts.total_epoch
             if checkpoint_due:
@@ -401,28 +549,76 @@ def _train_in(folder, opts, resume, overwrite, quiet, return_model, given, rank,
                 if world_size > 1:  # every process's random state, so a resumed run draws what it would have
                     rng = {**rng, "processes": distributed.gather_from_processes(rng)}
                 if main_process:
+                    history["curve_updates"] = curves.updates + 1  # this save's redraw included
                     checkpoint = {
                         "epoch": done, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "history": history, "rng": rng,
                         "state": {"warm_up": warm_up.factor if warm_up is not None else 1.0},
                         "scaler": scaler.state_dict() if scaler is not None else {}, "options": asdict(opts),
                     }  # fmt: skip
-                    numbered = None
-                    if done % opts.save_every == 0:
-                        numbered = save_checkpoint(checkpoint, folder / checkpoint_name(done))
-                    if done == opts.total_epoch:
-                        save_checkpoint(checkpoint, folder / LAST_CHECKPOINT, saved_as=numbered)
+                    _saving(folder, progress, save_epoch, checkpoint, folder, opts, progress)
             # Watched, the curves are redrawn after every epoch, as layumi's train.py does (its tutorial says every
             # 10); a quiet run (an ablation, a test) draws train.jpg with each checkpoint only.
             if main_process and (checkpoint_due or not quiet):
-                curves.update(history)
+                _saving(folder, progress, curves.update, history)
     finally:
-        if progress is not None:
-            progress.close()  # also on errors and Ctrl-C: the message then starts on its own line
+        if bar is not None:
+            bar.close()  # also on errors and Ctrl-C: the message then starts on its own line
     history["curve_updates"] = curves.updates
     if return_model:
         return history, unwrap(model)
     return history
+
+
+def check_batches_fit(loaders: dict, opts: TrainOptions) -> None:
+    """A ``--batchsize`` larger than the training set: said before the first batch, not after a wasted pass.
+
+    Every batch would be short and skipped (BatchNorm needs full batches). Under torchrun the count is this
+    process's share of the images.
+    """
+    images = images_per_epoch(loaders["train"])
+    if images < opts.batchsize:
+        fits = f"Use --batchsize {images} or less." if images >= 2 else "Add images to the training set."
+        raise TrainError(
+            f"--batchsize {opts.batchsize} is larger than the training set ({images} images per epoch"
+            f"{' in this process' if distributed.is_distributed() else ''}): every batch would be short and "
+            f"skipped. {fits}"
+        )
+
+
+def save_epoch(checkpoint: dict, folder: Path, opts: TrainOptions, progress: RunProgress) -> None:
+    """This epoch's checkpoint(s): ``net_XXX.pth`` every ``save_every`` epochs, ``net_last.pth`` at the end.
+
+    The first checkpoint of a run that replaces an earlier one takes the earlier run's place: its
+    checkpoints, curves and features are deleted, and this run's ``opts.yaml`` written, only once the new
+    checkpoint is complete on the disk (right before it is renamed into place).
+    """
+    done = checkpoint["epoch"]
+
+    def replace_the_earlier_run() -> None:
+        save_options(opts, folder)  # first: a failure here leaves the earlier run whole
+        remove_run_files(folder)
+        progress.replacing = False
+
+    retire = replace_the_earlier_run if progress.replacing else None
+    numbered = None
+    if done % opts.save_every == 0:
+        numbered = save_checkpoint(checkpoint, folder / checkpoint_name(done), before_replace=retire)
+        progress.newest, retire = numbered, None
+    if done == opts.total_epoch:
+        progress.newest = save_checkpoint(checkpoint, folder / LAST_CHECKPOINT, saved_as=numbered,
+                                          before_replace=retire)  # fmt: skip
+
+
+def _saving(folder: Path, progress: RunProgress, write, *args):
+    """``write(*args)``; a full disk or an unwritable folder becomes one ``TrainError`` line with what to do."""
+    try:
+        return write(*args)
+    except OSError as err:
+        problem = write_failed(err, folder, progress)
+        if problem is None:
+            raise
+        raise problem from None
 
 
 def newest_readable_checkpoint(found: list[tuple[Path, int | None]], quiet: bool = False) -> tuple[dict, Path]:
@@ -442,9 +638,11 @@ def newest_readable_checkpoint(found: list[tuple[Path, int | None]], quiet: bool
     raise TrainError(f"no checkpoint of this run can be read: {' '.join(damaged)} Start the run again.")
 
 
-def diverged(folder: Path, opts: TrainOptions, epoch: int, loss: float) -> TrainError:
-    """The error for a loss that became NaN or infinite: no checkpoint of the broken weights is written."""
-    newest = latest_checkpoint(folder)
+def diverged(folder: Path, opts: TrainOptions, epoch: int, loss: float, newest: Path | None) -> TrainError:
+    """The error for a loss that became NaN or infinite: no checkpoint of the broken weights is written.
+
+    ``newest``: this run's newest checkpoint (an earlier run being replaced may have newer-looking ones).
+    """
     where = f"the last good checkpoint is {newest.name}" if newest else "no checkpoint was written yet"
     return TrainError(
         f"the training loss became {loss} in epoch {epoch}: the run diverged and was stopped; {where}. "
@@ -453,17 +651,26 @@ def diverged(folder: Path, opts: TrainOptions, epoch: int, loss: float) -> Train
 
 
 def trained_run(prepared: str | Path, model_dir: str | Path, profile: str = "cpu-demo") -> Path:
-    """The run notebook 03 trains with ``profile``; trained here with the same code (and said so) when missing.
+    """The run notebook 03 trains with ``profile``; finished here with the same code (and said so) when it is not.
 
-    Lets every notebook after 03 run on its own, in a fresh kernel, in any order.
+    Lets every notebook after 03 run on its own, in a fresh kernel, in any order. A run that notebook 03 began
+    and did not finish (stopped, or the kernel died) is continued from its newest checkpoint, never trained
+    again from the start.
     """
     options = TrainOptions(data_dir=str(prepared), model_dir=str(model_dir), **PROFILES[profile])
     run = run_dir(options)
     if (run / LAST_CHECKPOINT).is_file():
         print(f"Using the model trained in notebook 03: {display_path(run)}/{LAST_CHECKPOINT}")
-    else:
+        return run
+    newest = latest_checkpoint(run)
+    if newest is None:
         print(f"No trained model in {display_path(run)}: training it now with the settings of notebook 03.")
-        train(options, overwrite=True)
+        train(options)
+    else:
+        done, total = checkpoint_epoch(newest), load_options(run).total_epoch
+        print(f"Notebook 03's training in {display_path(run)} stopped after epoch {done} of {total}: "
+              f"continuing it from {newest.name}.")  # fmt: skip
+        train(options, resume=True, given={"name", "model_dir", "data_dir"})  # the run's own options otherwise
     return run
 
 
@@ -507,7 +714,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (with --fast_data: threads)")
     p.add_argument("--resume", action="store_true", help="continue <model_dir>/<name> from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="delete an earlier run of the same name first")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run of the same name (it stays until this run saves its first checkpoint)",
+    )
     return p
 
 
@@ -539,10 +750,12 @@ def main(argv: list[str] | None = None) -> int:
         hint = " Or pass --skip_corrupt to leave unreadable images out." if isinstance(err, CorruptImageError) else ""
         print(f"train: error: {error_line(err)}{hint}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        newest = latest_checkpoint(run_dir(opts)) if run_dir(opts).is_dir() else None
-        where = f"the newest checkpoint is {display_path(newest)}" if newest else "no checkpoint was written yet"
-        print(f"\ntrain: interrupted; {where}. Run the same command with --resume to continue.", file=sys.stderr)
+    except KeyboardInterrupt as stop:  # exit code 130 = 128 + SIGINT, what shells report for Ctrl-C
+        if isinstance(stop, TrainingInterrupted):
+            line = stop.line("run the same command with --resume", "run the same command again")
+        else:  # before training had begun: nothing was written
+            line = "interrupted before training began; nothing was written. Run the same command again."
+        print(f"\ntrain: {line}", file=sys.stderr)
         return 130
     folder = run_dir(opts)
     if history["train_loss"]:

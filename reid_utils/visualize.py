@@ -56,16 +56,18 @@ class TrainingCurves:
 
     def update(self, history: dict[str, list[float]]) -> None:
         fig = self.draw(history)
-        if self.path is not None:  # a reader never sees a half-written picture
-            atomic_write(self.path, lambda tmp: fig.savefig(tmp, dpi=80, format=self.path.suffix.lstrip(".")))
-        if self.live:
-            from IPython.display import display
+        try:
+            if self.path is not None:  # a reader never sees a half-written picture
+                atomic_write(self.path, lambda tmp: fig.savefig(tmp, dpi=80, format=self.path.suffix.lstrip(".")))
+            if self.live:
+                from IPython.display import display
 
-            if self.handle is None:
-                self.handle = display(fig, display_id=True)
-            else:
-                self.handle.update(fig)
-        plt.close(fig)
+                if self.handle is None:
+                    self.handle = display(fig, display_id=True)
+                else:
+                    self.handle.update(fig)
+        finally:
+            plt.close(fig)  # also when the disk is full: no figure left open for the next cell to show
         self.updates += 1
 
 

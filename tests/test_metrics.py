@@ -505,3 +505,24 @@ def test_distance_magnitudes_do_not_matter():
     reference = evaluate_from_distance(dist, qp, qc, gp, gc)
     for exponent in (-900, -100, 100, 900):
         assert_identical(evaluate_from_distance(np.ldexp(dist, exponent), qp, qc, gp, gc), reference)
+
+
+@BOTH
+def test_identities_that_are_not_whole_numbers_are_refused(fn):
+    """A float label 1.5 used to become 1 without a word, and match the identity 1."""
+    gallery = np.array([[0.9], [0.5]])
+    assert fn(np.ones((1, 1)), [1.0], [1.0], gallery, [1.0, 2.0], [2, 2]).rank(1) == 1.0  # whole floats: fine
+    for query_pids, gallery_pids in (([1.5], [1, 2]), ([1], [1.5, 2]), ([np.nan], [1, 2])):
+        with pytest.raises(ValueError, match="whole numbers"):
+            fn(np.ones((1, 1)), query_pids, [1], gallery, gallery_pids, [2, 2])
+
+
+def test_rank_gallery_refuses_a_nan_query_and_float_ids():
+    gallery, pids, cams = np.array([[0.9], [0.5]]), np.array([1, 2]), np.array([2, 2])
+    with pytest.raises(ValueError, match="NaN"):
+        rank_gallery(np.array([np.nan]), 1, 1, gallery, pids, cams)
+    with pytest.raises(ValueError, match="NaN"):
+        rank_gallery(np.ones(1), 1, 1, np.array([[np.nan], [0.5]]), pids, cams)
+    with pytest.raises(ValueError, match="whole numbers"):
+        rank_gallery(np.ones(1), 1.5, 1, gallery, pids, cams)
+    assert rank_gallery(np.ones(1), 1, 1, gallery, pids, cams).order.tolist() == [0, 1]

@@ -274,3 +274,18 @@ def test_cli_source_and_destination_errors(crops, tmp_path, capsys):
     existing.mkdir()
     code, _, err = run_main(capsys, "--src", src, "--dst", existing)
     assert code == 2 and "already exists" in err and list(existing.iterdir()) == []
+
+
+def test_ctrl_c_is_one_line_and_leaves_nothing(crops, tmp_path, monkeypatch, capsys):
+    src, _ = crops
+    """Ctrl-C gave a KeyboardInterrupt traceback; the folder itself was already safe (built aside)."""
+    import reid_utils.own_data as own_data_module
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(own_data_module, "_convert", interrupt)
+    assert main(["--src", str(src), "--dst", str(tmp_path / "mine")]) == 130  # 128 + SIGINT, as shells report it
+    err = capsys.readouterr().err
+    assert err.strip().startswith("own_data: interrupted") and "Traceback" not in err
+    assert not (tmp_path / "mine").exists() and leftovers(tmp_path, "mine") == []

@@ -159,3 +159,16 @@ def test_a_second_process_preparing_the_same_tree_waits_and_reuses_it(tiny_marke
     child.join(60)
     assert child.exitcode == 0 and queue.get(timeout=5) is True  # it found the tree built, and reused it
     assert [p.name for p in tmp_path.iterdir()] == ["prepared"]  # no lock file or temporary left behind
+
+
+def test_the_tree_is_on_the_disk_before_it_takes_its_name(tiny_market, tmp_path, monkeypatch):
+    """Renamed into place before its files reach the disk, a power cut could leave a complete-looking tree of
+    empty files. (One sync for the whole folder: cheaper than an fsync per image.)"""
+    import os
+
+    events = []
+    real_sync, real_rename = os.sync, os.rename
+    monkeypatch.setattr(os, "sync", lambda: events.append("sync") or real_sync())
+    monkeypatch.setattr(os, "rename", lambda a, b: events.append(("rename", str(b))) or real_rename(a, b))
+    prepare_market(tiny_market, tmp_path / "prepared", quiet=True)
+    assert events.index("sync") < events.index(("rename", str(tmp_path / "prepared")))

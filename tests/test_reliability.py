@@ -4,6 +4,7 @@ Every CLI error must exit with code 2, print one ``<tool>: error:`` line (no tra
 half-written behind.
 """
 
+import re
 import shutil
 import signal
 import subprocess
@@ -58,9 +59,67 @@ def test_empty_folder(tmp_path, capsys):
     assert not (tmp_path / "ft_ResNet50").exists()
 
 
+def suggested_prepare(line: str) -> list[str]:
+    """The arguments of the `python -m reid_utils.prepare ...` command an error line suggests."""
+    match = re.search(r"`python -m reid_utils\.prepare ([^`]+)`", line)
+    assert match, line
+    return match[1].split()
+
+
 def test_raw_market_folder_where_a_prepared_one_is_expected(tiny_market, tmp_path, capsys):
-    assert train_cli.main(["--data_dir", str(tiny_market), "--model_dir", str(tmp_path), *FAST]) == 2
-    assert "python -m reid_utils.prepare" in error_line(capsys, "train")
+    """The advice was `prepare --src <Market-1501 folder> --dst <the raw folder>`, and that command fails."""
+    raw = tmp_path / "data" / "Market-1501"
+    shutil.copytree(tiny_market, raw)
+    args = ["--model_dir", str(tmp_path / "model"), *FAST, "--total_epoch", "1"]
+    assert train_cli.main(["--data_dir", str(raw), *args]) == 2
+    line = error_line(capsys, "train")
+    assert prepare_cli.main(suggested_prepare(line)) == 0  # the advice, followed
+    prepared = re.search(r"pass --data_dir (\S+)\.$", line)[1]
+    assert train_cli.main(["--data_dir", prepared, *args]) == 0
+    capsys.readouterr()
+    assert test_cli.main(["--data_dir", str(raw), "--model_dir", str(tmp_path / "model"), "--gpu_ids", ""]) == 2
+    assert suggested_prepare(error_line(capsys, "test")) == suggested_prepare(line)  # the same advice at test time
+
+
+def test_advice_for_a_damaged_prepared_tree_rebuilds_it(tiny_market, tmp_path, capsys):
+    """`run prepare again` printed "nothing to do" for a tree that had lost files: now prepare rebuilds it."""
+    prepared = tmp_path / "prepared"
+    prepare_cli.main(["--src", str(tiny_market), "--dst", str(prepared)])
+    shutil.rmtree(next((prepared / "train").iterdir()))  # an identity's training images deleted by hand
+    args = ["--data_dir", str(prepared), "--model_dir", str(tmp_path / "model"), *FAST, "--total_epoch", "1"]
+    capsys.readouterr()
+    assert train_cli.main(args) == 2
+    assert prepare_cli.main(suggested_prepare(error_line(capsys, "train"))) == 0
+    assert "building it again" in capsys.readouterr().out
+    assert train_cli.main(args) == 0
+
+
+def test_identities_with_a_single_training_image(tiny_market, tmp_path, capsys):
+    """prepare put an identity's only image into val/, training said `train and val hold different identities; run
+    prepare again`, and prepare again said "nothing to do". The only image now trains; val/ tests the others."""
+    src = tmp_path / "Market"
+    shutil.copytree(tiny_market, src)
+    first = sorted((src / "bounding_box_train").glob("*.jpg"))
+    for image in first[1:]:
+        if image.name[:4] == first[0].name[:4]:
+            image.unlink()  # the first identity keeps a single image
+    assert prepare_cli.main(["--src", str(src), "--dst", str(tmp_path / "prepared")]) == 0
+    assert "Note: 1 identities have a single training image" in capsys.readouterr().out
+    pid = first[0].name[:4]
+    assert [p.name for p in (tmp_path / "prepared" / "train" / pid).iterdir()] == [first[0].name]
+    assert not (tmp_path / "prepared" / "val" / pid).exists()
+    args = ["--data_dir", str(tmp_path / "prepared"), "--model_dir", str(tmp_path), *FAST, "--total_epoch", "1"]
+    assert train_cli.main(args) == 0
+
+
+def test_a_single_identity_is_refused(prepared_copy, tmp_path, capsys):
+    """One identity trained to "train loss 0.000, val error 0.000": a perfect-looking model that learned nothing."""
+    for folder in ("train", "val", "train_all"):
+        for pid in sorted((prepared_copy / folder).iterdir())[1:]:
+            shutil.rmtree(pid)
+    assert train_cli.main(["--data_dir", str(prepared_copy), "--model_dir", str(tmp_path), *FAST]) == 2
+    assert "single identity" in error_line(capsys, "train")
+    assert not (tmp_path / "ft_ResNet50").exists()
 
 
 def test_prepared_folder_without_train_all(prepared_copy, tmp_path, capsys):
@@ -111,8 +170,109 @@ def test_unparsable_names_at_test_time(prepared_copy, tmp_path, capsys):
 def test_batch_larger_than_the_data_set(prepared_copy, tmp_path, capsys):
     args = ["--data_dir", str(prepared_copy), "--model_dir", str(tmp_path), *FAST, "--batchsize", "999"]
     assert train_cli.main(args) == 2
-    assert "smaller --batchsize" in error_line(capsys, "train")
-    assert not list((tmp_path / "ft_ResNet50").glob("*.pth"))
+    assert "--batchsize 999 is larger than the training set" in error_line(capsys, "train")
+    assert not (tmp_path / "ft_ResNet50").exists()
+
+
+def test_an_image_too_large_for_pillow_is_named_and_can_be_skipped(prepared_copy, tmp_path, monkeypatch, capsys):
+    """Over Pillow's pixel limit an image gave a 34-line DecompressionBombError, even with --skip_corrupt."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # the guard's limit, scaled down with the image
+    victim = sorted((prepared_copy / "train").rglob("*.jpg"))[3]
+    victim.unlink()  # a hard link: a new file, not a change to the shared original
+    Image.new("RGB", (1500, 1500)).save(victim)  # 2.25 million pixels: over twice the limit, an error
+    args = ["--data_dir", str(prepared_copy), "--model_dir", str(tmp_path), *FAST, "--total_epoch", "1"]
+    assert train_cli.main(args) == 2
+    err = error_line(capsys, "train")
+    assert victim.name in err and "too large" in err and "--skip_corrupt" in err
+    assert train_cli.main([*args, "--skip_corrupt"]) == 0
+    assert f"Skipped 1 unreadable image(s) in {prepared_copy / 'train'}: {victim.name}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("problem", ["full disk", "a file", "read-only"])
+def test_prepare_names_what_it_cannot_write_in_one_line(tiny_market, tmp_path, monkeypatch, capsys, problem):
+    """A full disk, a --dst that is a file or a read-only --dst gave an 18-26-line traceback."""
+    import errno
+    import os
+
+    import reid_utils.prepare as prepare_module
+
+    dst = tmp_path / "out" / "prepared"
+    if problem == "a file":
+        dst.parent.mkdir()
+        dst.write_text("mine")
+    elif problem == "full disk":
+
+        def full(source, target, *args, **kwargs):  # as shutil raises it: the source first, then the target
+            raise OSError(errno.ENOSPC, "No space left on device", str(source), None, str(target))
+
+        monkeypatch.setattr(prepare_module.shutil, "copy2", full)
+    else:
+        real_mkdir = os.mkdir
+
+        def read_only(path, *args, **kwargs):  # the tests may run as root, whom chmod does not stop
+            if str(path).startswith(str(tmp_path / "out")):
+                raise OSError(errno.EROFS, "Read-only file system", str(path))
+            return real_mkdir(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "mkdir", read_only)
+    assert prepare_cli.main(["--src", str(tiny_market), "--dst", str(dst), "--link", "copy"]) == 2
+    line = error_line(capsys, "prepare")
+    assert {"full disk": "no space left", "a file": "is a file", "read-only": "read-only"}[problem] in line
+    if problem == "full disk":  # the disk of --dst is full, not that of the source
+        assert f"no space left on the disk holding {dst} " in line and str(tiny_market) not in line
+    if problem == "a file":
+        assert dst.read_text() == "mine"
+    else:
+        assert not dst.exists() and not leftovers(tmp_path)
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("tool", ["test", "prepare", "synthetic", "student", "series"])
+def test_ctrl_c_in_the_other_tools_is_one_line(tool, tiny_market, tiny_prepared, tmp_path, monkeypatch, capsys):
+    """Ctrl-C gave a 22-64-line KeyboardInterrupt traceback."""
+    import nbformat
+
+    import reid_utils.prepare as prepare_module
+    import reid_utils.series as series_module
+    import reid_utils.student as student_module
+    import reid_utils.synthetic as synthetic_module
+
+    if tool == "student":
+        monkeypatch.setattr(student_module, "student_notebook", _interrupt)
+        code = student_module.main(["--out", str(tmp_path / "out")])
+    elif tool == "series":  # --inplace rewrites the committed notebooks: each is written whole or not at all
+        notebooks = tmp_path / "notebooks"
+        notebooks.mkdir()
+        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1")]), notebooks / "01_a.ipynb")
+        before = (notebooks / "01_a.ipynb").read_bytes()
+        monkeypatch.setattr(series_module, "execute", lambda path, *args: nbformat.read(path, as_version=4))
+
+        def half_written(notebook, fp, **kwargs):
+            Path(fp).write_text("{")
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(nbformat, "write", half_written)
+        code = series_module.main(["--notebooks", str(notebooks), "--inplace", "--out", str(tmp_path)])
+        assert (notebooks / "01_a.ipynb").read_bytes() == before and not leftovers(notebooks)
+    elif tool == "test":
+        monkeypatch.setattr(test_cli, "load_trained_model", _interrupt)
+        code = test_cli.main(["--data_dir", str(tiny_prepared), "--model_dir", str(tmp_path), "--gpu_ids", ""])
+    elif tool == "prepare":
+        monkeypatch.setattr(prepare_module, "_place", _interrupt)
+        code = prepare_cli.main(["--src", str(tiny_market), "--dst", str(tmp_path / "out")])
+    else:
+        monkeypatch.setattr(synthetic_module, "_write_images", _interrupt)
+        code = synthetic_module.main(["--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err, err  # 130 = 128 + SIGINT, what a shell reports for Ctrl-C
+    line = err.strip().splitlines()[-1]
+    assert ": interrupted" in line and "Run the same command again" in line and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 
 def test_a_gpu_that_does_not_exist(monkeypatch):

@@ -337,3 +337,20 @@ def test_memory_error_states_the_limit_and_what_fits():
     q = 30_000
     with pytest.raises(MemoryError, match=r"max_memory_bytes = 4\.0 GiB.*rerank_features\(query_features"):
         k_reciprocal_rerank(np.broadcast_to(fake, (q, q)), np.broadcast_to(fake, (q, q)), np.broadcast_to(fake, (q, q)))
+
+
+def test_similarities_passed_as_distances_are_refused():
+    """Similarities have the shapes of distances, and re-ranking them returned a normal-looking matrix whose
+    ranking is wrong (rank-1 fell from 68.75 % to 12.50 % in the issue's example), without a word."""
+    qf, gf, _, _ = clustered_features(0)
+    q_g, q_q, g_g = squared_unit_blocks(qf, gf)
+
+    def similarity(distance):
+        return 1 - distance / 2  # the cosine similarity of unit features
+
+    k_reciprocal_rerank(q_g, q_q, g_g)  # distances: accepted
+    k_reciprocal_rerank(-similarity(q_g), -similarity(q_q), -similarity(g_g))  # negated similarities rank alike
+    with pytest.raises(ValueError, match="q_q_dist looks like similarities"):
+        k_reciprocal_rerank(similarity(q_g), similarity(q_q), similarity(g_g))
+    with pytest.raises(ValueError, match="g_g_dist looks like similarities"):
+        k_reciprocal_rerank(q_g, q_q, similarity(g_g))

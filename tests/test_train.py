@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -63,8 +64,8 @@ def test_resume_after_interruption_reaches_the_same_weights(finished_run, tiny_p
     _, _, reference = finished_run
     real_save = train_module.save_checkpoint
 
-    def save_then_die(obj, path):
-        real_save(obj, path)
+    def save_then_die(obj, path, **kwargs):
+        real_save(obj, path, **kwargs)
         if path.name == "net_002.pth":
             raise KeyboardInterrupt  # the stop button, right after the first checkpoint
 
@@ -89,9 +90,17 @@ def test_existing_run_needs_resume_or_overwrite(finished_run, tiny_prepared):
         train(tiny_options(tiny_prepared, folder.parent), quiet=True)
 
 
-def test_batch_larger_than_the_data(tiny_prepared, tmp_path):
-    with pytest.raises(TrainError, match="smaller --batchsize"):
+def test_batch_larger_than_the_data_is_said_before_the_first_batch(tiny_prepared, tmp_path, monkeypatch):
+    """It was reported only after a whole pass over the data; the size that fits is known before the first batch."""
+    passes = []
+    monkeypatch.setattr(train_module, "train_one_phase", lambda *args: passes.append(args[2]))
+    with pytest.raises(TrainError, match=r"Use --batchsize (\d+) or less") as error:
         train(tiny_options(tiny_prepared, tmp_path, batchsize=512), quiet=True)
+    assert passes == []
+    monkeypatch.undo()
+    fits = int(re.search(r"--batchsize (\d+) or less", str(error.value))[1])
+    history = train(tiny_options(tiny_prepared, tmp_path, batchsize=fits, total_epoch=1), quiet=True)  # the advice
+    assert history["skipped"] == [0]
 
 
 def test_device_selection_falls_back_to_cpu(capsys):
@@ -179,8 +188,8 @@ def test_fast_data_path_trains_and_resumes_exactly(tiny_prepared, tmp_path, monk
     assert reference["train_loss"][-1] < reference["train_loss"][0]
     real_save = train_module.save_checkpoint
 
-    def save_then_die(obj, path):
-        real_save(obj, path)
+    def save_then_die(obj, path, **kwargs):
+        real_save(obj, path, **kwargs)
         if path.name == "net_001.pth":
             raise KeyboardInterrupt
 
