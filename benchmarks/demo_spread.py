@@ -85,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             row = json.loads(child.stdout.strip().splitlines()[-1])
             rows.append(row)
-            print(
-                f"{isa:<16}{seed:>5}{row['val_err']:>11.3f}{100 * row['rank1']:>8.1f}%{100 * row['mAP']:>7.1f}%",
-                flush=True,
-            )
+            print(f"{isa:<16}{seed:>5}{row['val_err']:>11.3f}{100 * row['rank1']:>8.1f}%{100 * row['mAP']:>7.1f}%"
+                  f"{row['val_loss_max']:>9.2f} (ep{row['val_loss_peak_epoch']:>2}){row['mAP_gain']:>15.2f}x"
+                  f"{100 * row['rank1_gain']:>8.1f}{100 * row['ap_below_0.2']:>7.0f}%{str(row['top_bar_tallest']):>8}",
+                  flush=True)  # fmt: skip
     for key, scale in (("val_err", 1), ("rank1", 100), ("mAP", 100)):
         values = [row[key] * scale for row in rows]
         print(f"{key:<8} band {min(values):.3f} - {max(values):.3f}")
