@@ -41,5 +41,20 @@ def test_gpu_check_runs_its_steps_in_the_smoke_setting(tmp_path, monkeypatch, ca
 
 def test_bench_evaluate_prints_the_ratio_and_checks_identity(monkeypatch, capsys):
     out = run_script("bench_evaluate.py", ["--shrink", "40", "--repeats", "1"], monkeypatch, capsys)
-    assert out.count(": True") == 2 and "False" not in out  # bit-identical to the loop, both AP conventions
-    assert re.search(r"idle \(median of 1\): evaluate [\d.]+ s, per-query loop [\d.]+ s .*: [\d.]+x", out)
+    assert out.count(": True") == 4 and "False" not in out  # bit-identical to the loop: both kinds, both APs
+    for kind in ("separated", "hard"):  # each kind against the product and against the loop
+        assert re.search(
+            rf"{kind} idle \(median of 1\): product [\d.]+ s, evaluate [\d.]+ s: [\d.]+x the product; "
+            r"per-query loop .*: [\d.]+x evaluate",
+            out,
+        ), kind
+
+
+def test_bench_evaluate_msmt_size_reports_memory(monkeypatch, capsys):
+    out = run_script(
+        "bench_evaluate.py", ["--size", "msmt", "--shrink", "200", "--repeats", "1", "--features", "hard"],
+        monkeypatch, capsys,
+    )  # fmt: skip
+    assert out.count(": True") == 2 and "False" not in out
+    assert re.search(r"hard idle \(median of 1\): product [\d.]+ s, evaluate [\d.]+ s: [\d.]+x the product", out)
+    assert re.search(r"hard: memory of one evaluate call above the features .*: peak resident \+\d+ MiB", out)
