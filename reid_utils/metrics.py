@@ -49,6 +49,9 @@ _MIN_CHUNK_ROWS = 256
 _PAIRS_PER_PASS = 1 << 19
 _BINS_PER_PASS = 1 << 21
 _MIN_BINS = 16
+# Below this share of a pass's items up to the last window of their row, only those are binned (see _Candidates):
+# a few gathers each, cheap when they are few (trained features: ~3 %), dearer than a whole block beyond ~1/4.
+_CANDIDATE_SHARE = 0.25
 # Sorting a few hundred keys at a time (whole rows) stays in cache: 3-7x faster per key than one long sort.
 _SORT_RUN = 1 << 9
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -455,14 +458,14 @@ class _RowBins(NamedTuple):
     per_row: int
 
     @classmethod
-    def fit(cls, keys: np.ndarray, per_row: int) -> _RowBins:
-        lowest, highest = keys.min(axis=1), keys.max(axis=1)
+    def fit(cls, lowest: np.ndarray, highest: np.ndarray, per_row: int) -> _RowBins:
+        """Bins for rows whose keys lie in ``[lowest, highest]`` (float32, one pair per row)."""
         mid = ((lowest.astype(np.float64) + highest) / 2).astype(np.float32)
         span = np.maximum(highest - mid.astype(np.float64), mid - lowest.astype(np.float64)) * (1 + 2.0**-20)
-        scale = np.zeros(len(keys))
+        scale = np.zeros(len(lowest))
         np.divide(per_row / 2 - 4, span, out=scale, where=span > 0)
         scale = np.minimum(scale, _FLOAT32_MAX).astype(np.float32)  # a huge scale only coarsens the bins
-        base = (np.arange(len(keys)) * per_row + per_row // 2).astype(np.float32)
+        base = (np.arange(len(lowest)) * per_row + per_row // 2).astype(np.float32)
         return cls(mid, scale, base, lowest, highest, per_row)
 
     def of_rows(self, keys: np.ndarray, work: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -478,6 +481,56 @@ class _RowBins(NamedTuple):
         work = np.clip(values, self.lowest[rows], self.highest[rows])
         work = (work - self.mid[rows]) * self.scale[rows] + self.base[rows]
         return work.astype(np.int32)
+
+
+class _Candidates(NamedTuple):
+    """The items of a pass that may come before a match of their row (none above its last window can), binned.
+
+    When they are most of the items (hard features: true matches deep in the ranking) the whole block is binned at
+    once; else (trained features: matches near the top) only they are gathered and binned, over their own range.
+    """
+
+    keys: np.ndarray  # the pass's float32 keys, flat
+    width: int
+    limit: np.ndarray  # per row: the high end of its last window
+    bins: _RowBins
+    positions: np.ndarray | None  # flat positions of the candidates; None: every item
+    candidate_bins: np.ndarray  # their bins, in the order of ``positions``
+
+    @classmethod
+    def find(cls, keys: np.ndarray, rows: np.ndarray, high: np.ndarray) -> _Candidates:
+        n, width = keys.shape
+        per_row = _bins_per_row(width)
+        limit = np.full(n, -np.inf, dtype=np.float32)
+        np.maximum.at(limit, rows, high)
+        below = keys <= limit[:, None]
+        if np.count_nonzero(below) >= _CANDIDATE_SHARE * below.size:
+            bins = _RowBins.fit(keys.min(axis=1), keys.max(axis=1), per_row)
+            item_bins = bins.of_rows(keys, np.empty_like(keys), np.empty(keys.shape, dtype=np.int32))
+            return cls(keys.reshape(-1), width, limit, bins, None, item_bins.reshape(-1))
+        positions = np.flatnonzero(below)
+        values, row_of = keys.reshape(-1)[positions], positions // width
+        firsts = np.flatnonzero(np.diff(row_of, prepend=-1))  # every row with a match has a candidate: itself
+        lowest, highest = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
+        lowest[row_of[firsts]] = np.minimum.reduceat(values, firsts)
+        highest[row_of[firsts]] = np.maximum.reduceat(values, firsts)
+        bins = _RowBins.fit(lowest, highest, per_row)
+        return cls(keys.reshape(-1), width, limit, bins, positions, bins.of(values, row_of))
+
+    def bins_at(self, flat: np.ndarray) -> np.ndarray:
+        """Bins of candidates given by their flat positions."""
+        if self.positions is None:
+            return self.candidate_bins[flat]
+        return self.bins.of(self.keys[flat], flat // self.width)
+
+    def counted(self, flat: np.ndarray) -> np.ndarray:
+        """Which of these flat positions are candidates (are counted in the histogram)."""
+        return self.keys[flat] <= self.limit[flat // self.width]
+
+    def in_bins(self, touched: np.ndarray) -> np.ndarray:
+        """Flat positions, in order, of the candidates in the bins marked in ``touched``."""
+        hits = np.flatnonzero(np.take(touched, self.candidate_bins, mode="clip"))
+        return hits if self.positions is None else self.positions[hits]
 
 
 def _window(exact_keys: np.ndarray, tolerance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -528,21 +581,21 @@ def _ranks_in_pass(
     col_bits = max(1, (width - 1).bit_length())
     low, high = _window(match_exact, tolerance[rows])
 
-    bins = _RowBins.fit(keys, _bins_per_row(width))
+    items = _Candidates.find(keys, rows, high)
+    bins = items.bins
     total_bins = n * bins.per_row
-    item_bins = bins.of_rows(keys, np.empty_like(keys), np.empty(keys.shape, dtype=np.int32)).reshape(-1)
     low_bin, high_bin = bins.of(low, rows), bins.of(high, rows)
 
     junk_flat = np.sort(junk[0] * width + junk[1])
-    counts = np.bincount(item_bins, minlength=total_bins)
-    counts -= np.bincount(item_bins[junk_flat], minlength=total_bins)
+    counts = np.bincount(items.candidate_bins, minlength=total_bins)
+    counted_junk = junk_flat[items.counted(junk_flat)]
+    counts -= np.bincount(items.bins_at(counted_junk), minlength=total_bins)
     before_bin = np.cumsum(counts) - counts  # items in all earlier bins, earlier rows included
     ranks = before_bin[low_bin] - before_bin[rows * bins.per_row]  # the row's items in bins below low's
 
     # the items of the bins the windows touch, sorted by row, key and column
     edges = np.bincount(low_bin, minlength=total_bins + 1) - np.bincount(high_bin + 1, minlength=total_bins + 1)
-    touched = np.cumsum(edges[:total_bins]) > 0
-    selected = np.flatnonzero(np.take(touched, item_bins, mode="clip"))
+    selected = items.in_bins(np.cumsum(edges[:total_bins]) > 0)
     selected = selected[~_flat_member(junk_flat, selected)]
     sel_rows = selected // width
     packed = _ordered_bits(keys.reshape(-1)[selected])
@@ -550,7 +603,7 @@ def _ranks_in_pass(
     packed <<= col_bits
     packed |= selected - sel_rows * width
     _sort_row_runs(packed, np.bincount(sel_rows, minlength=n))
-    sel_bins = np.sort(item_bins[selected])  # bins do not decrease with the key: the same order as ``packed``
+    sel_bins = np.sort(items.bins_at(selected))  # bins do not decrease with the key: the order of ``packed``
 
     col_mask = (1 << col_bits) - 1
     row_base = rows << (32 + col_bits)

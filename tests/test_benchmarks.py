@@ -55,8 +55,8 @@ def test_bench_evaluate_prints_the_ratio_and_checks_identity(monkeypatch, capsys
     assert out.count(": True") == 4 and "False" not in out  # bit-identical to the loop: both kinds, both APs
     for kind in ("separated", "hard"):  # each kind against the product and against the loop
         assert re.search(
-            rf"{kind} idle \(median of 1\): product [\d.]+ s, evaluate [\d.]+ s: [\d.]+x the product; "
-            r"per-query loop .*: [\d.]+x evaluate",
+            rf"{kind} idle \(median of 1\): product [\d.]+ s, evaluate [\d.]+ s: [\d.]+x the product "
+            r"\(CPU seconds: [\d.]+x\); per-query loop .*: [\d.]+x evaluate",
             out,
         ), kind
 
@@ -67,5 +67,5 @@ def test_bench_evaluate_msmt_size_reports_memory(monkeypatch, capsys):
         monkeypatch, capsys,
     )  # fmt: skip
     assert out.count(": True") == 2 and "False" not in out
-    assert re.search(r"hard idle \(median of 1\): product [\d.]+ s, evaluate [\d.]+ s: [\d.]+x the product", out)
+    assert re.search(r"hard idle \(median of 1\): product [\d.]+ s, evaluate [\d.]+ s: [\d.]+x the product \(CPU", out)
     assert re.search(r"hard: memory of one evaluate call above the features .*: peak resident \+\d+ MiB", out)

@@ -578,7 +578,7 @@ def test_row_bins_never_disagree_with_the_keys():
     ]
     keys = np.array(rows, dtype=np.float32)
     per_row = 16
-    bins = metrics._RowBins.fit(keys, per_row)
+    bins = metrics._RowBins.fit(keys.min(axis=1), keys.max(axis=1), per_row)
     item_bins = bins.of_rows(keys, np.empty_like(keys), np.empty(keys.shape, dtype=np.int32))
     starts = np.arange(len(keys))[:, None] * per_row
     assert (item_bins >= starts).all() and (item_bins < starts + per_row).all()
