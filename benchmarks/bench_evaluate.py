@@ -21,11 +21,14 @@ pass"``, started and stopped by this script). Medians over the rounds are report
 bit for bit to the loop's (CMC and AP arrays, both AP conventions) on the loop's queries. At MSMT17 size the
 script also measures the peak memory of one ``evaluate`` call in a fresh process that holds nothing else but
 the features: peak resident memory (``VmHWM``, reset just before the call) above the resident memory before it.
+``--old REV`` also times ``evaluate`` as it was at git revision REV (``reid_utils/metrics.py`` loaded from git)
+right after the current one in every round, and checks that both give the same results.
 
 Run from the repository root (take the lock so benchmarks do not overlap)::
 
     flock /tmp/bench.lock python benchmarks/bench_evaluate.py --busy
     flock /tmp/bench.lock python benchmarks/bench_evaluate.py --size msmt
+    flock /tmp/bench.lock python benchmarks/bench_evaluate.py --old bc45723   # against an older evaluate
     python benchmarks/bench_evaluate.py --shrink 20          # a quick look at 1/20 of the size
 """
 
@@ -39,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -252,12 +256,15 @@ class Round:
     product: Measured
     fast: Measured
     naive: Measured | None
+    old: Measured | None = None
 
     def line(self) -> str:
         text = (
             f"product {self.product.wall:6.3f} s (cpu {self.product.cpu:5.2f})   evaluate {self.fast.wall:6.3f} s "
             f"(cpu {self.fast.cpu:5.2f}): {self.fast.wall / self.product.wall:4.2f}x the product"
         )
+        if self.old:
+            text += f"   old {self.old.wall:6.3f} s: {self.old.wall / self.fast.wall:4.2f}x evaluate"
         if self.naive:
             text += f"   loop {self.naive.wall:6.2f} s (scaled): {self.naive.wall / self.fast.wall:5.1f}x evaluate"
         if self.fast.other_cores is not None:
@@ -265,16 +272,19 @@ class Round:
         return text
 
 
-def measure_round(data: FakeSplit, product_rows: int, naive_queries: int | None, neighbour: dict) -> Round:
+def measure_round(
+    data: FakeSplit, product_rows: int, naive_queries: int | None, neighbour: dict, old_evaluate: Callable | None
+) -> Round:
     qf, gf = data.query_features, data.gallery_features
     _, product = measure(plain_product, qf, gf, product_rows, **neighbour)
     _, fast = measure(evaluate, *data.inputs(), **neighbour)
+    old = measure(old_evaluate, *data.inputs(), **neighbour)[1] if old_evaluate else None
     naive = None
     if naive_queries:
         _, n = measure(evaluate_naive, *data.inputs(naive_queries), **neighbour)
         scale = len(qf) / naive_queries
         naive = Measured(n.wall * scale, n.cpu * scale, n.other_cores)
-    return Round(product, fast, naive)
+    return Round(product, fast, naive, old)
 
 
 def summary(label: str, rounds: list[Round], result: Evaluation, naive_queries: int | None) -> str:
@@ -285,6 +295,8 @@ def summary(label: str, rounds: list[Round], result: Evaluation, naive_queries: 
         f"evaluate {median([r.fast.wall for r in rounds]):.3f} s: {ratio:.2f}x the product "
         f"(CPU seconds: {cpu_ratio:.2f}x)"
     )
+    if rounds[0].old:
+        text += f"; the old evaluate takes {median([r.old.wall / r.fast.wall for r in rounds]):.2f}x"
     if naive_queries:
         loop = median([r.naive.wall / r.fast.wall for r in rounds])
         cpu = median([r.naive.cpu / r.fast.cpu for r in rounds])
@@ -311,6 +323,13 @@ def run(args: argparse.Namespace) -> int:
         f"the product is {flop / 1e12:.3f} TFLOP, {product_rows:,} queries at a time"
     )
     ok = all(check_identical(data, naive_queries, kind) for kind, data in datasets.items())
+    old_evaluate = None
+    if args.old:
+        old_evaluate = load_old_evaluate(args.old)
+        for kind, data in datasets.items():
+            same = identical(old_evaluate(*data.inputs()), evaluate(*data.inputs()))
+            print(f"{kind}: the old evaluate ({args.old}) gives the same results on all queries: {same}")
+            ok &= same
     timed_naive = naive_queries if args.size == "market" else None
     if timed_naive:
         scale = len(qf) / naive_queries
@@ -326,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
             for condition in conditions:
                 with busy_neighbour() if condition == "busy" else _nothing() as spinner_cpu:
                     neighbour = {"neighbour_cpu": spinner_cpu} if spinner_cpu else {}
-                    measured = measure_round(data, product_rows, timed_naive, neighbour)
+                    measured = measure_round(data, product_rows, timed_naive, neighbour, old_evaluate)
                 rounds[kind, condition].append(measured)
                 print(f"round {round_number} {kind:>9} {condition:>4}: {measured.line()}")
     for kind, data in datasets.items():
@@ -342,6 +361,18 @@ def run(args: argparse.Namespace) -> int:
                 f"peak of numpy allocations (tracemalloc) {memory['traced_peak'] / 2**20:.0f} MiB"
             )
     return 0 if ok else 1
+
+
+def load_old_evaluate(revision: str) -> Callable:
+    """``evaluate`` from ``reid_utils/metrics.py`` as it was at a git revision, loaded under its own name."""
+    source = subprocess.run(
+        ["git", "show", f"{revision}:reid_utils/metrics.py"], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout  # fmt: skip
+    module = types.ModuleType("metrics_old")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(source, f"{revision}:reid_utils/metrics.py", "exec"), module.__dict__)
+    return module.evaluate
 
 
 def memory_child(path: str) -> None:
@@ -390,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="queries the loop runs on (default 500 for market, 100 for msmt)")  # fmt: skip
     parser.add_argument("--shrink", type=int, default=1, help="divide every count by this (quick looks, tests)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--old", help="also time evaluate as it was at this git revision")
     parser.add_argument("--memory_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:

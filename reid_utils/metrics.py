@@ -19,6 +19,7 @@ Two AP conventions are in use:
 ``evaluate`` is the fast, chunked implementation; ``evaluate_naive`` is the classic one-query-at-a-time
 loop, kept as a readable reference that the tests and ``benchmarks/bench_evaluate.py`` compare against.
 Both rank by the same float64 scores (``_dot_rows``), so they give identical results, ties included.
+How close ``evaluate`` comes to the bare float32 product of the same features: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -229,9 +230,14 @@ def _kept_columns(gallery_pids: np.ndarray, gallery_cams: np.ndarray) -> np.ndar
 # A true match's rank is the number of non-junk items whose exact key (``-score``, or a distance) is smaller
 # than its own, plus those with an equal key and a smaller gallery index. The keys are computed in float32 by
 # one matrix product per chunk, with a per-query bound ``tol`` on |float32 key - exact key| (see
-# ``_FeatureKeys``). For a match with float32 key ``k``, an item whose float32 key is below ``k - 2 tol``
-# certainly comes first, one above ``k + 2 tol`` certainly after; only the items in between are re-scored in
-# float64 and compared exactly. So the result is the float64 ranking, bit for bit, at float32 speed.
+# ``_FeatureKeys``). For a match with exact key ``e``, an item whose float32 key is below ``e - tol`` certainly
+# comes first, one above ``e + tol`` certainly after; only the items in between (its window) need a closer
+# look, in float64. So the result is the float64 ranking, bit for bit, at float32 speed.
+#
+# Only the ranks of the true matches matter, so nothing sorts the gallery: a histogram of per-row bins counts the
+# items certainly before each match (``_ranks_in_pass``), and only the few items of the bins a window touches are
+# sorted. Hard features (an untrained network: true matches deep in the ranking, each with many near-ties) then
+# cost about what well-separated ones do.
 
 
 def _gamma(n: int, unit_roundoff: float) -> float:
@@ -434,9 +440,9 @@ def _sort_row_runs(packed: np.ndarray, per_row: np.ndarray) -> None:
         start = end
 
 
-def _bins_per_row(width: int) -> int:
-    """Histogram bins per query row: about four items per bin, a power of two from ``_MIN_BINS`` to 2**20."""
-    return max(_MIN_BINS, 1 << min(20, max(0, (width // 4).bit_length() - 1)))
+def _bins_per_row(items: int) -> int:
+    """Histogram bins per row for ``items`` a row: about four a bin, a power of two from ``_MIN_BINS`` to 2**20."""
+    return max(_MIN_BINS, 1 << min(20, max(0, (items // 4).bit_length() - 1)))
 
 
 class _RowBins(NamedTuple):
@@ -500,12 +506,12 @@ class _Candidates(NamedTuple):
     @classmethod
     def find(cls, keys: np.ndarray, rows: np.ndarray, high: np.ndarray) -> _Candidates:
         n, width = keys.shape
-        per_row = _bins_per_row(width)
         limit = np.full(n, -np.inf, dtype=np.float32)
         np.maximum.at(limit, rows, high)
         below = keys <= limit[:, None]
-        if np.count_nonzero(below) >= _CANDIDATE_SHARE * below.size:
-            bins = _RowBins.fit(keys.min(axis=1), keys.max(axis=1), per_row)
+        count = int(np.count_nonzero(below))
+        if count >= _CANDIDATE_SHARE * below.size:
+            bins = _RowBins.fit(keys.min(axis=1), keys.max(axis=1), _bins_per_row(width))
             item_bins = bins.of_rows(keys, np.empty_like(keys), np.empty(keys.shape, dtype=np.int32))
             return cls(keys.reshape(-1), width, limit, bins, None, item_bins.reshape(-1))
         positions = np.flatnonzero(below)
@@ -514,7 +520,7 @@ class _Candidates(NamedTuple):
         lowest, highest = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
         lowest[row_of[firsts]] = np.minimum.reduceat(values, firsts)
         highest[row_of[firsts]] = np.maximum.reduceat(values, firsts)
-        bins = _RowBins.fit(lowest, highest, per_row)
+        bins = _RowBins.fit(lowest, highest, _bins_per_row(count // n))  # bins for the candidates only
         return cls(keys.reshape(-1), width, limit, bins, positions, bins.of(values, row_of))
 
     def bins_at(self, flat: np.ndarray) -> np.ndarray:
@@ -533,13 +539,14 @@ class _Candidates(NamedTuple):
         return hits if self.positions is None else self.positions[hits]
 
 
-def _window(exact_keys: np.ndarray, tolerance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 bounds ``low <= exact - tol`` and ``high >= exact + tol`` around the matches' exact keys.
+def _window(keys: np.ndarray, tolerance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 bounds ``low <= key - tol`` and ``high >= key + tol`` around the matches' float64 keys.
 
-    An item whose float32 key is below ``low`` is certainly before the match (its exact key is within ``tol``),
-    one above ``high`` certainly after it. One float64 ulp outward covers the rounding of the subtraction.
+    With ``tol`` the bound on an item's float32 key's error plus that on the match's key's, an item whose float32
+    key is below ``low`` is certainly before the match, one above ``high`` certainly after it. One float64 ulp
+    outward covers the rounding of the sums.
     """
-    low, high = exact_keys - tolerance, exact_keys + tolerance
+    low, high = keys - tolerance, keys + tolerance
     widened = tolerance > 0
     low[widened] = np.nextafter(low[widened], -np.inf)
     high[widened] = np.nextafter(high[widened], np.inf)
@@ -558,14 +565,15 @@ def _ranks_in_pass(
     keys: np.ndarray,
     rows: np.ndarray,
     cols: np.ndarray,
-    match_exact: np.ndarray,
+    match_keys: tuple[np.ndarray, np.ndarray],
     junk: tuple[np.ndarray, np.ndarray],
     tolerance: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Ranks of the true matches ``(rows, cols)`` among the non-junk items of their rows, but for near-ties.
 
-    ``keys`` are float32 keys within ``tolerance[row]`` of the exact keys (the matches' are ``match_exact``);
-    ``junk`` lists the (row, column) pairs that do not count. Two steps, and no sorting of the gallery:
+    ``keys`` are float32 keys within ``tolerance[row]`` of the exact keys; the matches' exact keys are within
+    ``bound`` of ``near``, ``match_keys = (near, bound)``; ``junk`` lists the (row, column) pairs that do not count.
+    Two steps, and no sorting of the gallery:
 
     1. every key goes to a bin (``_RowBins``) and one histogram of the bins counts, for each match, the items
        certainly before it: those in bins below the bin of its window's low end;
@@ -579,7 +587,7 @@ def _ranks_in_pass(
     if len(rows) == 0:  # only queries without a true match: nothing to rank
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     col_bits = max(1, (width - 1).bit_length())
-    low, high = _window(match_exact, tolerance[rows])
+    low, high = _window(match_keys[0], tolerance[rows] + match_keys[1])
 
     items = _Candidates.find(keys, rows, high)
     bins = items.bins
@@ -627,13 +635,14 @@ def _near_tie_ranks(
     item_cols: np.ndarray,
     rows: np.ndarray,
     cols: np.ndarray,
-    match_exact: np.ndarray,
+    match_keys: tuple[np.ndarray, np.ndarray],
     source: _KeySource,
 ) -> np.ndarray:
     """How many of the near-ties ``(match, item column)`` come before their match, per match.
 
-    Each item gets a float64 key from ``source.nearly``; only where that is within its bound of the match's
-    exact key does the item need its exact key too, and equal exact keys go by gallery order.
+    Items and matches have float64 keys from ``source.nearly`` (the matches' are ``match_keys``); only where an
+    item's and its match's are within their bounds of each other are the exact keys needed, and equal exact keys
+    go by gallery order.
     """
     item_rows = rows[match]
     flat = item_rows * (int(item_cols.max(initial=0)) + 1) + item_cols
@@ -641,13 +650,15 @@ def _near_tie_ranks(
     first = np.zeros(len(unique), dtype=np.int64)
     first[which] = np.arange(len(which))
     near, bound = source.nearly(item_rows[first], item_cols[first])
-    gap = near[which] - match_exact[match]
-    before = gap < -bound[which]
-    unsure = np.flatnonzero(np.abs(gap) <= bound[which])
+    gap = near[which] - match_keys[0][match]
+    slack = bound[which] + match_keys[1][match]
+    before = gap < -slack
+    unsure = np.flatnonzero(np.abs(gap) <= slack)
     if len(unsure):
         item_exact = source.exact(item_rows[unsure], item_cols[unsure])
-        match_key, ties_before = match_exact[match[unsure]], item_cols[unsure] < cols[match[unsure]]
-        before[unsure] = (item_exact < match_key) | ((item_exact == match_key) & ties_before)
+        match_exact = source.exact(rows[match[unsure]], cols[match[unsure]])
+        ties_before = item_cols[unsure] < cols[match[unsure]]
+        before[unsure] = (item_exact < match_exact) | ((item_exact == match_exact) & ties_before)
     return np.bincount(match[before], minlength=len(rows))
 
 
@@ -714,7 +725,7 @@ def _block_results(
     junk_rows, junk_cols = rows[junk], cols[junk]
     rows, cols = rows[~junk], cols[~junk]
 
-    match_exact = source.exact(rows, cols)
+    match_near, match_bound = source.nearly(rows, cols)
     ranks = np.empty(len(rows), dtype=np.int64)
     near_ties = []
     width = keys.shape[1]
@@ -727,14 +738,14 @@ def _block_results(
             keys[first:last],
             rows[lo:hi] - first,
             cols[lo:hi],
-            match_exact[lo:hi],
+            (match_near[lo:hi], match_bound[lo:hi]),
             (junk_rows[junk_lo:junk_hi] - first, junk_cols[junk_lo:junk_hi]),
             tolerance[first:last],
         )
         near_ties.append((lo + match, item_cols))
     if near_ties:
         match, item_cols = (np.concatenate(parts) for parts in zip(*near_ties, strict=True))
-        ranks += _near_tie_ranks(match, item_cols, rows, cols, match_exact, source)
+        ranks += _near_tie_ranks(match, item_cols, rows, cols, (match_near, match_bound), source)
 
     # Put each query's hits in rank order; i is the 1-based hit number, r the 0-based rank.
     order = np.lexsort((ranks, rows))
@@ -845,8 +856,9 @@ def evaluate(
     Similarity is the dot product of the features as given, so L2-normalise them first to rank by cosine
     similarity. The ranking is that of float64 scores, equal scores in gallery order -- exactly what
     ``evaluate_naive`` computes -- but the scores are computed in float32 (one fast matrix product per chunk),
-    and only the items whose float32 score is too close to a true match's for float32 to tell them apart are
-    re-scored in float64 (see ``_FeatureKeys`` for the bound).
+    only the items whose float32 score is too close to a true match's for float32 to tell them apart are
+    re-scored in float64 (see ``_FeatureKeys`` for the bound), and the gallery is never sorted: the ranks of the
+    true matches are counted (``_ranks_in_pass``).
 
     AP for one query with ``n_good`` true matches, the ``i``-th (1-based) at 0-based rank ``r`` after
     junk removal:

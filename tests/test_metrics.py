@@ -432,7 +432,7 @@ def test_near_ties_fool_float32_alone(monkeypatch):
     """The test above can fail: break either half of the re-check and the twins are misranked.
 
     Without the error bound (only float32 ties get a second look), the cancelling case goes wrong; with the
-    bound but a float32 re-check, the plain case does.
+    bound but a float32 re-check (both its BLAS and its einsum dot products), the plain case does.
     """
     cancelling = near_ties(0, np.float32, cancel=True)
     with monkeypatch.context() as patch:
@@ -445,6 +445,7 @@ def test_near_ties_fool_float32_alone(monkeypatch):
             return np.einsum("ij,ij->i", left.astype(np.float32), right.astype(np.float32)).astype(np.float64)
 
         patch.setattr(metrics, "_dot_pairs", in_float32)
+        patch.setattr(metrics, "_blas_dot_pairs", in_float32)
         assert not np.array_equal(evaluate(*plain).ap, evaluate_naive(*plain).ap)
 
 
@@ -593,18 +594,23 @@ def test_row_bins_never_disagree_with_the_keys():
 
 
 def test_near_ties_trust_blas_only_within_its_bound(monkeypatch):
-    """Items close to a match are placed by BLAS dot products, whose rounding may differ from the reference's
-    einsum by up to ``close``; off by half of that they still rank right, off by more and with no bound left
-    they do not (so the test can fail)."""
+    """Items close to a match, and the matches, are placed by BLAS dot products, whose rounding may differ from
+    the reference's einsum by up to ``close``: off by half of that they still rank right, but not when trusted
+    without the bound (so the test can fail)."""
     data = near_ties(0, np.float64, 1e-13)
     reference = evaluate_naive(*data)
     original = metrics._blas_dot_pairs
 
     def off_by(fraction):
+        """BLAS scores off by ``fraction`` of their bound: down for the matches, up for the items close to them
+        (the first call of an evaluation scores the matches, the next ones the items), so items gain on matches."""
+        calls = []
+
         def dot(left, right):
+            calls.append(len(left))
             norms = np.linalg.norm(left, axis=1) * np.linalg.norm(right, axis=1)
             bound = 2 * metrics._gamma(left.shape[1], 2.0**-53) * norms
-            return original(left, right) + fraction * bound * np.where(np.arange(len(left)) % 2, 1, -1)
+            return original(left, right) + (-1 if len(calls) == 1 else 1) * fraction * bound
 
         return dot
 
@@ -614,7 +620,7 @@ def test_near_ties_trust_blas_only_within_its_bound(monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(metrics, "_blas_dot_pairs", off_by(0.5))
         assert_identical(evaluate(*data), reference)
-    with monkeypatch.context() as patch:
-        patch.setattr(metrics, "_blas_dot_pairs", off_by(50.0))
+    with monkeypatch.context() as patch:  # the same values, trusted without their bound
+        patch.setattr(metrics, "_blas_dot_pairs", off_by(0.5))
         patch.setattr(metrics._FeatureKeys, "nearly", unbounded)
         assert not np.array_equal(evaluate(*data).ap, reference.ap)
