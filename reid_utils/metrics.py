@@ -304,6 +304,8 @@ class _FeatureKeys:
     Subnormal results add an absolute error of at most 2**-150 (float32) or 2**-1075 (float64) per rounding,
     covered by the absolute terms. With the largest gallery norm in place of |g|, and 1 % on top for the
     rounding of the bound itself, ``tol`` bounds |float32 key - exact key| for every item of the query's row.
+    Likewise ``close`` bounds |BLAS float64 key - exact key|: two float64 sums of the same terms in any orders
+    differ by at most 2 gamma_d |q| |g| (u = 2**-53).
     """
 
     def __init__(self, queries: np.ndarray, gallery: np.ndarray, kept: np.ndarray):
@@ -335,7 +337,6 @@ class _FeatureKeys:
         underflow = 2.0**-148 * (np.sqrt(dim) * (query_norms + gallery_norm) + dim)
         underflow64 = np.ldexp(float(dim), self.query_shift + self.gallery_shift - 1074)
         self.tolerance = 1.01 * (relative * query_norms * gallery_norm + underflow + underflow64)
-        # two float64 dot products (any order) differ by at most twice the reference's own bound
         self.close = 1.01 * (2 * _gamma(dim, 2.0**-53) * query_norms * gallery_norm + 2 * underflow64)
 
     def block(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
