@@ -1,5 +1,5 @@
-"""Time ``reid_utils.metrics.evaluate``: against the per-query loop at Market-1501 size, against the bare
-float32 matrix product at MSMT17 size.
+"""Time ``reid_utils.metrics.evaluate`` against the bare float32 product of the same features, on well-separated
+and on hard features, at Market-1501 or MSMT17 size; at Market size also against the per-query loop.
 
 The features are synthetic but shaped like the real test splits. Market-1501 (Zheng et al., ICCV 2015):
 3,368 queries of 750 identities (one per identity and camera, at least two cameras per identity), and a
@@ -7,25 +7,28 @@ The features are synthetic but shaped like the real test splits. Market-1501 (Zh
 and 3,819 junk boxes (pid -1). MSMT17 (Wei et al., CVPR 2018): 11,659 queries of 3,060 identities and an
 82,161-image gallery of 15 cameras. Each identity has a random centre in 512-d; an image is its centre
 plus a camera shift plus noise of a per-image strength (so some true matches are hard), L2-normalised,
-float32.
+float32. Two kinds of features (``--features``): "separated" (noise 2: mAP ~69 % at Market size, a trained
+network) and "hard" (noise 3.3: mAP ~5 %, what an untrained or barely trained network gives, where most true
+matches sit deep in the ranking among many near-ties).
 
-Market mode (default) runs rounds of: ``evaluate`` on all queries, then ``evaluate_naive`` on the first
-``--naive_queries`` queries, its time scaled to all queries (the loop does the same work for every query:
-one pass over the gallery and one sort). With ``--busy`` every round is run twice, on the idle machine and
-with a second process spinning on one core (``python -c "while True: pass"``, started and stopped by this
-script), so the two ratios are measured side by side. Medians over the rounds are reported. Results must
-be identical bit for bit (CMC and AP arrays, both AP conventions) on the loop's queries.
-
-MSMT mode (``--size msmt``) alternates ``evaluate`` with the plain float32 product ``qf @ gf.T``, done in
-blocks of the rows ``evaluate`` uses per chunk into one reused buffer (the full product would be 3.8 GB),
-checks ``evaluate`` against the loop on the first ``--naive_queries`` queries, and measures the peak memory
-of one ``evaluate`` call in a fresh process that holds nothing else but the features: peak resident memory
-(``VmHWM``, reset just before the call) above the resident memory before it.
+Every round times, for each kind, the plain float32 product ``qf @ gf.T`` (the arithmetic floor: every score,
+in blocks of ``PAIRS_PER_CHUNK`` pairs into one reused buffer; the full matrix would be 3.8 GB at MSMT17 size)
+and ``evaluate`` right after it, so each ratio compares two runs side by side. At Market size the per-query
+loop ``evaluate_naive`` runs on the first ``--naive_queries`` queries too, its time scaled to all queries (it
+does the same work for every query: one pass over the gallery and one sort). With ``--busy`` every round is
+run twice, on the idle machine and with a second process spinning on one core (``python -c "while True:
+pass"``, started and stopped by this script). Medians over the rounds are reported. Results must be identical
+bit for bit to the loop's (CMC and AP arrays, both AP conventions) on the loop's queries. At MSMT17 size the
+script also measures the peak memory of one ``evaluate`` call in a fresh process that holds nothing else but
+the features: peak resident memory (``VmHWM``, reset just before the call) above the resident memory before it.
+``--old REV`` also times ``evaluate`` as it was at git revision REV (``reid_utils/metrics.py`` loaded from git)
+right after the current one in every round, and checks that both give the same results.
 
 Run from the repository root (take the lock so benchmarks do not overlap)::
 
     flock /tmp/bench.lock python benchmarks/bench_evaluate.py --busy
     flock /tmp/bench.lock python benchmarks/bench_evaluate.py --size msmt
+    flock /tmp/bench.lock python benchmarks/bench_evaluate.py --old bc45723   # against an older evaluate
     python benchmarks/bench_evaluate.py --shrink 20          # a quick look at 1/20 of the size
 """
 
@@ -39,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,6 +56,8 @@ MARKET = {"num_ids": 750, "num_queries": 3368, "num_identity_images": 13120, "nu
           "num_junk": 3819, "num_cams": 6}  # fmt: skip
 MSMT = {"num_ids": 3060, "num_queries": 11659, "num_identity_images": 82161, "num_distractors": 0,
         "num_junk": 0, "num_cams": 15}  # fmt: skip
+# noise strength of each kind of features: mAP ~69 % and ~5 % at Market size
+FEATURE_KINDS = {"separated": 2.0, "hard": 3.3}
 
 
 @dataclass(frozen=True)
@@ -220,64 +226,14 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def check_identical(data: FakeSplit, num_queries: int) -> bool:
+def check_identical(data: FakeSplit, num_queries: int, label: str) -> bool:
     ok = True
     for ap in ("market", "step"):
         inputs = data.inputs(num_queries)
         same = identical(evaluate(*inputs, ap=ap), evaluate_naive(*inputs, ap=ap))
-        print(f"identical to the loop on the first {num_queries:,} queries, {ap} AP: {same}")
+        print(f"{label}: identical to the loop on the first {num_queries:,} queries, {ap} AP: {same}")
         ok &= same
     return ok
-
-
-def run_market(args: argparse.Namespace) -> int:
-    sizes = shrunk(MARKET, args.shrink) if args.shrink > 1 else MARKET
-    data, seconds = timed(make_market_like, seed=args.seed, **sizes)
-    num_query, dim = data.query_features.shape
-    distractors, junk = (data.gallery_pids == 0).sum(), (data.gallery_pids == -1).sum()
-    naive_queries = min(args.naive_queries, num_query)
-    print(
-        f"data: {num_query:,} queries x {len(data.gallery_pids):,} gallery, {dim}-d {data.query_features.dtype} "
-        f"({distractors:,} distractors, {junk:,} junk), made in {seconds:.1f} s"
-    )
-    print(
-        f"the loop runs on the first {naive_queries:,} queries; its time is scaled by {num_query / naive_queries:.2f}"
-    )
-    ok = check_identical(data, naive_queries)
-
-    print(
-        "per round: wall time, CPU time of this process (all threads), and the cores other processes kept busy "
-        "meanwhile (the spinner of a busy round not counted): above ~0.1 the machine was not quiet"
-    )
-    conditions = ["idle", "busy"] if args.busy else ["idle"]
-    scale = num_query / naive_queries
-    fast: dict[str, list[Measured]] = {c: [] for c in conditions}
-    naive: dict[str, list[Measured]] = {c: [] for c in conditions}
-    for round_number in range(1, args.repeats + 1):
-        for condition in conditions:
-            with busy_neighbour() if condition == "busy" else _nothing() as spinner_cpu:
-                neighbour = {"neighbour_cpu": spinner_cpu} if spinner_cpu else {}
-                result, f = measure(evaluate, *data.inputs(), **neighbour)
-                _, n = measure(evaluate_naive, *data.inputs(naive_queries), **neighbour)
-            n = Measured(n.wall * scale, n.cpu * scale, n.other_cores)
-            fast[condition].append(f)
-            naive[condition].append(n)
-            others = "" if f.other_cores is None else f"   others {f.other_cores:.1f} / {n.other_cores:.1f} cores"
-            print(
-                f"round {round_number} {condition:>4}: evaluate {f.wall:6.3f} s (cpu {f.cpu:5.2f})   "
-                f"loop {n.wall:6.2f} s (cpu {n.cpu:5.2f}, scaled)   ratio {n.wall / f.wall:5.1f}x{others}"
-            )
-    for condition in conditions:
-        f = median([m.wall for m in fast[condition]])
-        n = median([m.wall for m in naive[condition]])
-        cpu_ratio = median([m.cpu for m in naive[condition]]) / median([m.cpu for m in fast[condition]])
-        print(
-            f"{condition:>4} (median of {len(fast[condition])}): evaluate {f:.3f} s, per-query loop {n:.2f} s "
-            f"(scaled from {naive_queries:,} queries): {n / f:.1f}x   (CPU seconds: {cpu_ratio:.1f}x)"
-        )
-    print(f"market AP: {result}")
-    print(f"step AP:   {evaluate(*data.inputs(), ap='step')}")
-    return 0 if ok else 1
 
 
 @contextmanager
@@ -291,6 +247,132 @@ def plain_product(query_features: np.ndarray, gallery_features: np.ndarray, rows
     for start in range(0, len(query_features), rows):
         block = query_features[start : start + rows]
         np.matmul(block, gallery_features.T, out=buffer[: len(block)])
+
+
+@dataclass
+class Round:
+    """One side-by-side measurement: the product, ``evaluate``, and (Market size) the loop, scaled."""
+
+    product: Measured
+    fast: Measured
+    naive: Measured | None
+    old: Measured | None = None
+
+    def line(self) -> str:
+        text = (
+            f"product {self.product.wall:6.3f} s (cpu {self.product.cpu:5.2f})   evaluate {self.fast.wall:6.3f} s "
+            f"(cpu {self.fast.cpu:5.2f}): {self.fast.wall / self.product.wall:4.2f}x the product"
+        )
+        if self.old:
+            text += f"   old {self.old.wall:6.3f} s: {self.old.wall / self.fast.wall:4.2f}x evaluate"
+        if self.naive:
+            text += f"   loop {self.naive.wall:6.2f} s (scaled): {self.naive.wall / self.fast.wall:5.1f}x evaluate"
+        if self.fast.other_cores is not None:
+            text += f"   others {self.fast.other_cores:.1f} cores"
+        return text
+
+
+def measure_round(
+    data: FakeSplit, product_rows: int, naive_queries: int | None, neighbour: dict, old_evaluate: Callable | None
+) -> Round:
+    qf, gf = data.query_features, data.gallery_features
+    _, product = measure(plain_product, qf, gf, product_rows, **neighbour)
+    _, fast = measure(evaluate, *data.inputs(), **neighbour)
+    old = measure(old_evaluate, *data.inputs(), **neighbour)[1] if old_evaluate else None
+    naive = None
+    if naive_queries:
+        _, n = measure(evaluate_naive, *data.inputs(naive_queries), **neighbour)
+        scale = len(qf) / naive_queries
+        naive = Measured(n.wall * scale, n.cpu * scale, n.other_cores)
+    return Round(product, fast, naive, old)
+
+
+def summary(label: str, rounds: list[Round], result: Evaluation, naive_queries: int | None) -> str:
+    ratio = median([r.fast.wall / r.product.wall for r in rounds])
+    cpu_ratio = median([r.fast.cpu / r.product.cpu for r in rounds])
+    text = (
+        f"{label} (median of {len(rounds)}): product {median([r.product.wall for r in rounds]):.3f} s, "
+        f"evaluate {median([r.fast.wall for r in rounds]):.3f} s: {ratio:.2f}x the product "
+        f"(CPU seconds: {cpu_ratio:.2f}x)"
+    )
+    if rounds[0].old:
+        text += f"; the old evaluate takes {median([r.old.wall / r.fast.wall for r in rounds]):.2f}x"
+    if naive_queries:
+        loop = median([r.naive.wall / r.fast.wall for r in rounds])
+        cpu = median([r.naive.cpu / r.fast.cpu for r in rounds])
+        text += f"; per-query loop (scaled from {naive_queries:,} queries): {loop:.1f}x evaluate"
+        text += f" (CPU seconds: {cpu:.1f}x)"
+    return text + f"   [mAP {100 * result.mAP:.1f}%, rank-1 {100 * result.rank(1):.1f}%]"
+
+
+def run(args: argparse.Namespace) -> int:
+    base = MARKET if args.size == "market" else MSMT
+    sizes = shrunk(base, args.shrink) if args.shrink > 1 else base
+    datasets = {}
+    for kind in args.features:
+        data, seconds = timed(make_market_like, seed=args.seed, noise=FEATURE_KINDS[kind], **sizes)
+        datasets[kind] = data
+    qf, gf = data.query_features, data.gallery_features
+    flop = 2 * qf.shape[0] * gf.shape[0] * qf.shape[1]
+    product_rows = max(1, min(len(qf), PAIRS_PER_CHUNK // len(gf)))
+    naive_queries = min(args.naive_queries, len(qf))
+    print(
+        f"data: {len(qf):,} queries x {len(gf):,} gallery, {qf.shape[1]}-d {qf.dtype} "
+        f"({(data.gallery_pids == 0).sum():,} distractors, {(data.gallery_pids == -1).sum():,} junk), "
+        f"{len(datasets)} kind(s) of features ({', '.join(datasets)}), {seconds:.1f} s each to make; "
+        f"the product is {flop / 1e12:.3f} TFLOP, {product_rows:,} queries at a time"
+    )
+    ok = all(check_identical(data, naive_queries, kind) for kind, data in datasets.items())
+    old_evaluate = None
+    if args.old:
+        old_evaluate = load_old_evaluate(args.old)
+        for kind, data in datasets.items():
+            same = identical(old_evaluate(*data.inputs()), evaluate(*data.inputs()))
+            print(f"{kind}: the old evaluate ({args.old}) gives the same results on all queries: {same}")
+            ok &= same
+    timed_naive = naive_queries if args.size == "market" else None
+    if timed_naive:
+        scale = len(qf) / naive_queries
+        print(f"the loop runs on the first {naive_queries:,} queries; its time is scaled by {scale:.2f}")
+    print(
+        "per round: wall times, the CPU time of this process (all threads), and the cores other processes kept "
+        "busy meanwhile (the spinner of a busy round not counted): above ~0.1 the machine was not quiet"
+    )
+    conditions = ["idle", "busy"] if args.busy else ["idle"]
+    rounds: dict[tuple[str, str], list[Round]] = {(k, c): [] for k in datasets for c in conditions}
+    for round_number in range(1, args.repeats + 1):
+        for kind, data in datasets.items():
+            for condition in conditions:
+                with busy_neighbour() if condition == "busy" else _nothing() as spinner_cpu:
+                    neighbour = {"neighbour_cpu": spinner_cpu} if spinner_cpu else {}
+                    measured = measure_round(data, product_rows, timed_naive, neighbour, old_evaluate)
+                rounds[kind, condition].append(measured)
+                print(f"round {round_number} {kind:>9} {condition:>4}: {measured.line()}")
+    for kind, data in datasets.items():
+        result = evaluate(*data.inputs())
+        for condition in conditions:
+            print(summary(f"{kind} {condition}", rounds[kind, condition], result, timed_naive))
+    if args.size == "msmt":
+        for kind, data in datasets.items():
+            memory = peak_memory(data)
+            print(
+                f"{kind}: memory of one evaluate call above the features ({memory['features'] / 2**20:.0f} MiB): "
+                f"peak resident +{memory['rss_peak_above'] / 2**20:.0f} MiB, "
+                f"peak of numpy allocations (tracemalloc) {memory['traced_peak'] / 2**20:.0f} MiB"
+            )
+    return 0 if ok else 1
+
+
+def load_old_evaluate(revision: str) -> Callable:
+    """``evaluate`` from ``reid_utils/metrics.py`` as it was at a git revision, loaded under its own name."""
+    source = subprocess.run(
+        ["git", "show", f"{revision}:reid_utils/metrics.py"], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout  # fmt: skip
+    module = types.ModuleType("metrics_old")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(source, f"{revision}:reid_utils/metrics.py", "exec"), module.__dict__)
+    return module.evaluate
 
 
 def memory_child(path: str) -> None:
@@ -328,52 +410,18 @@ def peak_memory(data: FakeSplit) -> dict[str, int]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def run_msmt(args: argparse.Namespace) -> int:
-    sizes = shrunk(MSMT, args.shrink) if args.shrink > 1 else MSMT
-    data, seconds = timed(make_market_like, seed=args.seed, **sizes)
-    qf, gf = data.query_features, data.gallery_features
-    flop = 2 * qf.shape[0] * gf.shape[0] * qf.shape[1]
-    rows = max(1, min(len(qf), PAIRS_PER_CHUNK // len(gf)))
-    print(
-        f"data: {len(qf):,} queries x {len(gf):,} gallery, {qf.shape[1]}-d {qf.dtype} "
-        f"({(qf.nbytes + gf.nbytes) / 2**20:.0f} MiB of features), made in {seconds:.1f} s; "
-        f"the product is {flop / 1e12:.2f} TFLOP, done {rows:,} queries at a time"
-    )
-    ok = check_identical(data, min(args.naive_queries, len(qf)))
-
-    product_times, evaluate_times = [], []
-    for round_number in range(1, args.repeats + 1):
-        _, product_seconds = timed(plain_product, qf, gf, rows)
-        _, evaluate_seconds = timed(evaluate, *data.inputs())
-        product_times.append(product_seconds)
-        evaluate_times.append(evaluate_seconds)
-        print(
-            f"round {round_number}: product {product_seconds:6.2f} s ({flop / product_seconds / 1e9:.0f} GFLOP/s)   "
-            f"evaluate {evaluate_seconds:6.2f} s   ratio {evaluate_seconds / product_seconds:.2f}"
-        )
-    product, full = median(product_times), median(evaluate_times)
-    print(
-        f"median of {args.repeats}: product {product:.2f} s, evaluate {full:.2f} s: "
-        f"evaluate takes {full / product:.2f}x the product"
-    )
-    memory = peak_memory(data)
-    print(
-        f"memory of one evaluate call above the features ({memory['features'] / 2**20:.0f} MiB): "
-        f"peak resident +{memory['rss_peak_above'] / 2**20:.0f} MiB, "
-        f"peak of numpy allocations (tracemalloc) {memory['traced_peak'] / 2**20:.0f} MiB"
-    )
-    return 0 if ok else 1
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=["market", "msmt"], default="market")
+    parser.add_argument("--features", nargs="+", choices=list(FEATURE_KINDS), default=list(FEATURE_KINDS),
+                        help="kinds of features to time (default: both)")  # fmt: skip
     parser.add_argument("--busy", action="store_true", help="also time every round beside a busy process")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; medians are reported")
     parser.add_argument("--naive_queries", type=int, default=None,
                         help="queries the loop runs on (default 500 for market, 100 for msmt)")  # fmt: skip
     parser.add_argument("--shrink", type=int, default=1, help="divide every count by this (quick looks, tests)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--old", help="also time evaluate as it was at this git revision")
     parser.add_argument("--memory_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
@@ -381,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.naive_queries is None:
         args.naive_queries = 500 if args.size == "market" else 100
-    return run_market(args) if args.size == "market" else run_msmt(args)
+    return run(args)
 
 
 if __name__ == "__main__":

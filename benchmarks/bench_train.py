@@ -28,21 +28,32 @@ programs, turbo, a shared host -- slows all of them alike; the rates are total i
 median of the per-round ratios is printed too. Warm-up steps are not timed; neither is decoding the cache,
 which is reported on its own line (it happens once per run, or never with a disk cache).
 
+``--busy`` asks another question: how much of its speed the demo profile keeps when another program keeps one of
+the two cores busy (a browser, a video call; here ``python -c "while True: pass"``). Each run is the command line
+``python -m reid_utils.train`` with the ``cpu-demo`` profile's options in a fresh process, started in each of
+the ways of ``STARTS`` (OpenMP reads how its threads wait when torch loads, so only a fresh process can change
+it); rounds alternate an idle machine and a busy one, and the training rate (images of the train and val
+phases over the epoch times the run saved, its first epoch left out) is compared per way of starting.
+
 Run from the repository root::
 
     python benchmarks/bench_train.py                          # both configurations, ~2 minutes on 2 cores
     python benchmarks/bench_train.py --configs demo --train_ids 150
     python benchmarks/bench_train.py --erasing_p 0.5 --color_jitter   # the augmentation-heavy recipe
     python benchmarks/bench_train.py --device cuda --configs baseline --train_ids 751 --baseline_batches 200
+    python benchmarks/bench_train.py --busy                   # idle against one busy core, ~6 minutes
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -60,7 +71,7 @@ from reid_utils.prepare import prepare_market
 from reid_utils.speed import Autocast, cpu_has_bf16, reuse_freed_memory
 from reid_utils.synthetic import generate_market, read_summary
 from reid_utils.test import evaluation_loader, extract_features
-from reid_utils.train import build_optimizer, train_one_phase
+from reid_utils.train import PROFILES, build_optimizer, train_one_phase
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,15 @@ CONFIGS = {
     "demo": Config("demo", "resnet18", 64, 32, 32, "gallery"),
     "baseline": Config("baseline", "resnet50", 256, 128, 32, "query"),
 }
+
+
+# --busy: ways of starting the demo's command line (each a fresh process)
+STARTS = {
+    "torch first": "torch loaded before reid_utils: OpenMP's own default, threads spin a while before they sleep",
+    "as shipped": "python -m reid_utils.train: reid_utils sets how OpenMP threads wait before torch loads",
+    "1 thread": "the same with OMP_NUM_THREADS=1 (for comparison: one thread sums in another order)",
+}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -320,6 +340,69 @@ def time_extraction(
     )
 
 
+@contextlib.contextmanager
+def busy_core():
+    """Another program keeping one core busy for the duration of the block."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # let it get scheduled
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def demo_command(start: str, prepared: Path, model_dir: Path, name: str, epochs: int) -> tuple[list[str], dict]:
+    """The command line and environment that train the ``cpu-demo`` profile, started the way ``start`` says."""
+    profile = PROFILES["cpu-demo"]
+    options = ["--data_dir", str(prepared), "--model_dir", str(model_dir), "--name", name, "--no_pretrained",
+               "--total_epoch", str(epochs), "--save_every", str(epochs), "--gpu_ids", "", "--lr", str(profile["lr"]),
+               "--backbone", profile["backbone"], "--height", str(profile["height"]), "--width", str(profile["width"]),
+               "--batchsize", str(profile["batchsize"])]  # fmt: skip
+    # the user's machine: none of the test suite's thread settings
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("OMP_", "GOMP_", "MKL_"))}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    if start == "1 thread":
+        env["OMP_NUM_THREADS"] = "1"
+    if start == "torch first":
+        load = "import torch, runpy; runpy.run_module('reid_utils.train', run_name='__main__', alter_sys=True)"
+        return [sys.executable, "-c", load, *options], env
+    return [sys.executable, "-m", "reid_utils.train", *options], env
+
+
+def demo_rate(start: str, prepared: Path, work: Path, epochs: int) -> float:
+    """Training images per second of one fresh run (train and val phases, epochs after the first)."""
+    name = f"busy_{time.monotonic_ns()}"
+    command, env = demo_command(start, prepared, work, name, epochs)
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    history = torch.load(work / name / "net_last.pth", map_location="cpu", weights_only=False)["history"]
+    images = sum(1 for phase in ("train", "val") for _ in (prepared / phase).rglob("*.jpg"))
+    return images * (epochs - 1) / sum(history["seconds"][1:])
+
+
+def busy_comparison(prepared: Path, work: Path, starts: list[str], rounds: int, epochs: int) -> list[str]:
+    """Rounds of (idle, busy) x each way of starting, in alternating orders; per start, the medians as a line."""
+    rates: dict[tuple[str, str], list[float]] = {(s, c): [] for s in starts for c in ("idle", "busy")}
+    for round_number in range(1, rounds + 1):
+        forward = round_number % 2 == 1
+        for condition in ("idle", "busy") if forward else ("busy", "idle"):
+            with busy_core() if condition == "busy" else contextlib.nullcontext():
+                for start in starts if forward else starts[::-1]:
+                    rate = demo_rate(start, prepared, work, epochs)
+                    rates[start, condition].append(rate)
+                    print(f"  round {round_number} {condition}: {start:<12} {rate:6.1f} img/s   load {load_average()}")
+    lines = []
+    reference = statistics.median(rates[starts[0], "idle"])
+    for start in starts:
+        idle, busy = statistics.median(rates[start, "idle"]), statistics.median(rates[start, "busy"])
+        kept = statistics.median(b / i for b, i in zip(rates[start, "busy"], rates[start, "idle"], strict=True))
+        lines.append(
+            f"{start:<12} idle {idle:6.1f} img/s, busy {busy:6.1f} img/s: keeps {100 * kept:.0f}% beside a busy "
+            f"core (median of rounds); idle {idle / reference:.2f}x {starts[0]}   [{STARTS[start]}]"
+        )
+    return lines
+
+
 def load_average() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -347,7 +430,13 @@ def main(argv: list[str] | None = None) -> int:
         help="reuse: keep freed memory in the process, as --fast_data does on a CPU (a per-process setting: "
         "bench_cpu_fast_path.py compares the two in separate processes)",
     )  # fmt: skip
+    parser.add_argument("--busy", action="store_true", help="the demo's command line, idle against one busy core")
+    parser.add_argument("--busy_rounds", type=int, default=4, help="rounds of --busy (each: idle and busy runs)")
+    parser.add_argument("--starts", nargs="+", default=list(STARTS), choices=list(STARTS), help="ways to start, --busy")
+    parser.add_argument("--busy_epochs", type=int, default=3, help="epochs per --busy run (the first is not timed)")
     args = parser.parse_args(argv)
+    if args.busy:
+        return main_busy(args)
     if args.allocator == "reuse" and not reuse_freed_memory():
         parser.error("--allocator reuse needs Linux with glibc.")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -415,6 +504,21 @@ def main(argv: list[str] | None = None) -> int:
     for line in summary:
         print(f"  {line}")
     print(f"Wall time: {time.perf_counter() - wall:.1f} s; load average {load_average()}")
+    return 0
+
+
+def main_busy(args: argparse.Namespace) -> int:
+    print(f"CPU: {cpu_name()} ({os.cpu_count()} cores); torch {torch.__version__}; load average {load_average()}")
+    for start in args.starts:
+        print(f"  {start:<12} {STARTS[start]}")
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        work = Path(args.work_dir) if args.work_dir else Path(tmp)
+        prepared = make_data(work, args.train_ids, args.test_ids)
+        with tempfile.TemporaryDirectory(prefix="runs-", dir=work) as runs:
+            lines = busy_comparison(prepared, Path(runs), args.starts, args.busy_rounds, args.busy_epochs)
+    print("\nSummary (cpu-demo profile, python -m reid_utils.train)")
+    for line in lines:
+        print(f"  {line}")
     return 0
 
 

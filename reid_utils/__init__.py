@@ -24,4 +24,12 @@ Beside them, the extras:
 - ``exercises``, ``student``, ``series`` -- the classroom: checkers, the student copy, running every notebook
 """
 
+import os
+
+# Threads, on purpose: torch's default count (one per core) that wait for each other asleep, not spinning. Spinning
+# threads beside any other busy program (a browser, a call) made a 2-core machine train 5-7x slower; sleeping ones
+# keep most of the speed (benchmarks/RESULTS.md). No result changes. OpenMP reads this when torch loads, so it counts
+# where reid_utils comes first (the command lines; notebooks 03, 04 and 06 set it before torch); yours wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
 __version__ = "0.1.0"

@@ -19,6 +19,7 @@ Two AP conventions are in use:
 ``evaluate`` is the fast, chunked implementation; ``evaluate_naive`` is the classic one-query-at-a-time
 loop, kept as a readable reference that the tests and ``benchmarks/bench_evaluate.py`` compare against.
 Both rank by the same float64 scores (``_dot_rows``), so they give identical results, ties included.
+How close ``evaluate`` comes to the bare float32 product of the same features: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -44,8 +45,14 @@ PAIRS_PER_CHUNK = 1 << 25
 DEFAULT_CHUNK_SIZE: int | None = None
 _MIN_CHUNKS = 6
 _MIN_CHUNK_ROWS = 256
-# The ranking work after each product goes through the scores this many pairs at a time (bounds its temporaries).
-_PAIRS_PER_PASS = 1 << 22
+# The ranking work after each product goes through the scores this many pairs at a time: its temporaries (9 bytes
+# a pair) stay in cache. At most _BINS_PER_PASS histogram bins a pass keeps bin numbers exact in float32.
+_PAIRS_PER_PASS = 1 << 19
+_BINS_PER_PASS = 1 << 21
+_MIN_BINS = 16
+# Below this share of a pass's items up to the last window of their row, only those are binned (see _Candidates):
+# a few gathers each, cheap when they are few (trained features: ~3 %), dearer than a whole block beyond ~1/4.
+_CANDIDATE_SHARE = 0.25
 # Sorting a few hundred keys at a time (whole rows) stays in cache: 3-7x faster per key than one long sort.
 _SORT_RUN = 1 << 9
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -211,6 +218,11 @@ def _dot_pairs(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", left, right)
 
 
+def _blas_dot_pairs(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """``_dot_pairs`` by BLAS, one dot product a pair: faster, but the rounding may depend on where rows sit."""
+    return np.matmul(left[:, None, :], right[:, :, None]).reshape(-1)
+
+
 def _kept_columns(gallery_pids: np.ndarray, gallery_cams: np.ndarray) -> np.ndarray:
     """Gallery columns that are not junk for every query, so worth scoring at all.
 
@@ -228,9 +240,14 @@ def _kept_columns(gallery_pids: np.ndarray, gallery_cams: np.ndarray) -> np.ndar
 # A true match's rank is the number of non-junk items whose exact key (``-score``, or a distance) is smaller
 # than its own, plus those with an equal key and a smaller gallery index. The keys are computed in float32 by
 # one matrix product per chunk, with a per-query bound ``tol`` on |float32 key - exact key| (see
-# ``_FeatureKeys``). For a match with float32 key ``k``, an item whose float32 key is below ``k - 2 tol``
-# certainly comes first, one above ``k + 2 tol`` certainly after; only the items in between are re-scored in
-# float64 and compared exactly. So the result is the float64 ranking, bit for bit, at float32 speed.
+# ``_FeatureKeys``). For a match with exact key ``e``, an item whose float32 key is below ``e - tol`` certainly
+# comes first, one above ``e + tol`` certainly after; only the items in between (its window) need a closer
+# look, in float64. So the result is the float64 ranking, bit for bit, at float32 speed.
+#
+# Only the ranks of the true matches matter, so nothing sorts the gallery: a histogram of per-row bins counts the
+# items certainly before each match (``_ranks_in_pass``), and only the few items of the bins a window touches are
+# sorted. Hard features (an untrained network: true matches deep in the ranking, each with many near-ties) then
+# cost about what well-separated ones do.
 
 
 def _gamma(n: int, unit_roundoff: float) -> float:
@@ -279,7 +296,12 @@ class _KeySource(Protocol):
         """Write float32 keys of queries ``start:stop`` x kept columns into ``out``; return each row's tolerance."""
 
     def exact(self, queries: np.ndarray, columns: np.ndarray) -> np.ndarray:
-        """Exact float64 keys of (query, kept column) pairs: the values the reference ranks by."""
+        """Exact float64 keys of (query, kept column) pairs -- the values the reference ranks by -- in the scale of
+        ``block``'s keys (times the row's power of two, so order and ties are the reference's)."""
+
+    def nearly(self, queries: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float64 keys of (query, kept column) pairs, queries sorted, within a bound (returned per pair) of
+        ``exact``'s: cheaper to compute, and enough to place an item against a match unless they nearly tie."""
 
 
 class _FeatureKeys:
@@ -292,6 +314,8 @@ class _FeatureKeys:
     Subnormal results add an absolute error of at most 2**-150 (float32) or 2**-1075 (float64) per rounding,
     covered by the absolute terms. With the largest gallery norm in place of |g|, and 1 % on top for the
     rounding of the bound itself, ``tol`` bounds |float32 key - exact key| for every item of the query's row.
+    Likewise ``close`` bounds |BLAS float64 key - exact key|: two float64 sums of the same terms in any orders
+    differ by at most 2 gamma_d |q| |g| (u = 2**-53).
     """
 
     def __init__(self, queries: np.ndarray, gallery: np.ndarray, kept: np.ndarray):
@@ -323,6 +347,7 @@ class _FeatureKeys:
         underflow = 2.0**-148 * (np.sqrt(dim) * (query_norms + gallery_norm) + dim)
         underflow64 = np.ldexp(float(dim), self.query_shift + self.gallery_shift - 1074)
         self.tolerance = 1.01 * (relative * query_norms * gallery_norm + underflow + underflow64)
+        self.close = 1.01 * (2 * _gamma(dim, 2.0**-53) * query_norms * gallery_norm + 2 * underflow64)
 
     def block(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
         queries = self.queries64[start:stop]
@@ -333,12 +358,25 @@ class _FeatureKeys:
         return self.tolerance[start:stop]
 
     def exact(self, queries: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        return self._pairs_in_gallery_order(queries, columns, _dot_pairs)
+
+    def nearly(self, queries: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """BLAS dot products: several times faster than ``exact``'s einsum, but their rounding depends on the
+        data around (see ``_dot_rows``), hence the bound ``close``."""
+        return self._pairs_in_gallery_order(queries, columns, _blas_dot_pairs), self.close[queries]
+
+    def _pairs_in_gallery_order(self, queries: np.ndarray, columns: np.ndarray, dot: Callable) -> np.ndarray:
+        """Keys of (query, column) pairs from ``dot(gallery rows, query rows)`` in float64, the pairs visited in
+        gallery order a few hundred at a time: the gallery, larger than the caches, is read in one sweep instead
+        of one random read a pair, and the float64 copies stay in cache."""
         out = np.empty(len(queries))
-        for start in range(0, len(queries), 512):  # a few MB at a time: the copies stay in cache
-            part = slice(start, start + 512)
+        order = np.argsort(columns, kind="stable")
+        for start in range(0, len(order), 256):
+            part = order[start : start + 256]
             gallery_rows = self.gallery[self.kept[columns[part]]].astype(np.float64, copy=False)
-            out[part] = _dot_pairs(gallery_rows, self.queries64[queries[part]])
-        return np.negative(out, out=out)
+            out[part] = dot(gallery_rows, self.queries64[queries[part]])
+        # in the scale of the float32 keys (a power of two: exact, and the same order and ties)
+        return np.ldexp(np.negative(out, out=out), self.query_shift[queries] + self.gallery_shift)
 
 
 class _DistanceKeys:
@@ -350,6 +388,7 @@ class _DistanceKeys:
 
     def __init__(self, dist: np.ndarray, kept: np.ndarray):
         self.dist, self.kept = dist, kept
+        self.shift = np.zeros(len(dist), dtype=np.int64)  # each row's power-of-two scaling, set by ``block``
 
     def block(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
         rows = self.dist[start:stop]
@@ -366,18 +405,22 @@ class _DistanceKeys:
             if shift.any():
                 values = np.ldexp(values, shift[:, None])
             out[part] = values
+            self.shift[start + first : start + first + len(shift)] = shift
             # rounding to float32: 2**-24 relative, or 2**-150 when subnormal (+ 2**-1075 if the scaling was)
             tolerance[part] = 1.01 * (2.0**-24 * np.ldexp(max_abs, shift) + 2.0**-149)
         return tolerance
 
     def exact(self, queries: np.ndarray, columns: np.ndarray) -> np.ndarray:
-        return self.dist[queries, self.kept[columns]].astype(np.float64)
+        return np.ldexp(self.dist[queries, self.kept[columns]].astype(np.float64), self.shift[queries])
+
+    def nearly(self, queries: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.exact(queries, columns), np.zeros(len(queries))
 
 
 def _float32_outward(values: np.ndarray, up: bool) -> np.ndarray:
     """float32 values at or beyond the float64 ``values`` (rounded up or down, never toward them).
 
-    Clipped to the finite range: the only float32 keys beyond it are the +inf of junk, which must stay out.
+    Clipped to the finite range, where every float32 key lies.
     """
     rounded = np.clip(values, -_FLOAT32_MAX, _FLOAT32_MAX).astype(np.float32)
     wrong = rounded < values if up else rounded > values
@@ -408,74 +451,226 @@ def _sort_row_runs(packed: np.ndarray, per_row: np.ndarray) -> None:
         start = end
 
 
+def _bins_per_row(items: int) -> int:
+    """Histogram bins per row for ``items`` a row: about four a bin, a power of two from ``_MIN_BINS`` to 2**20."""
+    return max(_MIN_BINS, 1 << min(20, max(0, (items // 4).bit_length() - 1)))
+
+
+class _RowBins(NamedTuple):
+    """A non-decreasing map from each row's float32 keys to integer bins; row ``r`` owns bins ``r * per_row ...``.
+
+    ``bin(x) = int(((x - mid) * scale) + base)``, every step in float32. Each step rounds monotonically, so
+    ``bin(x) < bin(t)`` proves ``x < t`` and ``bin(x) > bin(t)`` proves ``x > t``: a histogram of the bins counts,
+    for any threshold, the items certainly below it, and only the items of the threshold's own bin need to be
+    looked at. ``scale`` brings the row's keys within ``per_row / 2 - 4`` bins of ``base``, the middle of the
+    row's bins, with room to spare for rounding (``base`` stays below 2**22, where float32 steps are at most 1/2).
+    Thresholds are clipped to the row's key range first: outside it there is nothing to tell apart.
+    """
+
+    mid: np.ndarray
+    scale: np.ndarray
+    base: np.ndarray
+    lowest: np.ndarray
+    highest: np.ndarray
+    per_row: int
+
+    @classmethod
+    def fit(cls, lowest: np.ndarray, highest: np.ndarray, per_row: int) -> _RowBins:
+        """Bins for rows whose keys lie in ``[lowest, highest]`` (float32, one pair per row)."""
+        mid = ((lowest.astype(np.float64) + highest) / 2).astype(np.float32)
+        span = np.maximum(highest - mid.astype(np.float64), mid - lowest.astype(np.float64)) * (1 + 2.0**-20)
+        scale = np.zeros(len(lowest))
+        np.divide(per_row / 2 - 4, span, out=scale, where=span > 0)
+        scale = np.minimum(scale, _FLOAT32_MAX).astype(np.float32)  # a huge scale only coarsens the bins
+        base = (np.arange(len(lowest)) * per_row + per_row // 2).astype(np.float32)
+        return cls(mid, scale, base, lowest, highest, per_row)
+
+    def of_rows(self, keys: np.ndarray, work: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Bins of a whole block of keys, computed in ``work`` (float32) and written to ``out`` (int32)."""
+        np.subtract(keys, self.mid[:, None], out=work)
+        np.multiply(work, self.scale[:, None], out=work)
+        np.add(work, self.base[:, None], out=work)
+        np.copyto(out, work, casting="unsafe")
+        return out
+
+    def of(self, values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Bins of float32 thresholds, each in its own row: the very operations ``of_rows`` does."""
+        work = np.clip(values, self.lowest[rows], self.highest[rows])
+        work = (work - self.mid[rows]) * self.scale[rows] + self.base[rows]
+        return work.astype(np.int32)
+
+
+class _Candidates(NamedTuple):
+    """The items of a pass that may come before a match of their row (none above its last window can), binned.
+
+    When they are most of the items (hard features: true matches deep in the ranking) the whole block is binned at
+    once; else (trained features: matches near the top) only they are gathered and binned, over their own range.
+    """
+
+    keys: np.ndarray  # the pass's float32 keys, flat
+    width: int
+    limit: np.ndarray  # per row: the high end of its last window
+    bins: _RowBins
+    positions: np.ndarray | None  # flat positions of the candidates; None: every item
+    candidate_bins: np.ndarray  # their bins, in the order of ``positions``
+
+    @classmethod
+    def find(cls, keys: np.ndarray, rows: np.ndarray, high: np.ndarray) -> _Candidates:
+        n, width = keys.shape
+        limit = np.full(n, -np.inf, dtype=np.float32)
+        np.maximum.at(limit, rows, high)
+        below = keys <= limit[:, None]
+        count = int(np.count_nonzero(below))
+        if count >= _CANDIDATE_SHARE * below.size:
+            bins = _RowBins.fit(keys.min(axis=1), keys.max(axis=1), _bins_per_row(width))
+            item_bins = bins.of_rows(keys, np.empty_like(keys), np.empty(keys.shape, dtype=np.int32))
+            return cls(keys.reshape(-1), width, limit, bins, None, item_bins.reshape(-1))
+        positions = np.flatnonzero(below)
+        values, row_of = keys.reshape(-1)[positions], positions // width
+        firsts = np.flatnonzero(np.diff(row_of, prepend=-1))  # every row with a match has a candidate: itself
+        lowest, highest = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
+        lowest[row_of[firsts]] = np.minimum.reduceat(values, firsts)
+        highest[row_of[firsts]] = np.maximum.reduceat(values, firsts)
+        bins = _RowBins.fit(lowest, highest, _bins_per_row(count // n))  # bins for the candidates only
+        return cls(keys.reshape(-1), width, limit, bins, positions, bins.of(values, row_of))
+
+    def bins_at(self, flat: np.ndarray) -> np.ndarray:
+        """Bins of candidates given by their flat positions."""
+        if self.positions is None:
+            return self.candidate_bins[flat]
+        return self.bins.of(self.keys[flat], flat // self.width)
+
+    def counted(self, flat: np.ndarray) -> np.ndarray:
+        """Which of these flat positions are candidates (are counted in the histogram)."""
+        return self.keys[flat] <= self.limit[flat // self.width]
+
+    def in_bins(self, touched: np.ndarray) -> np.ndarray:
+        """Flat positions, in order, of the candidates in the bins marked in ``touched``."""
+        hits = np.flatnonzero(np.take(touched, self.candidate_bins, mode="clip"))
+        return hits if self.positions is None else self.positions[hits]
+
+
+def _window(keys: np.ndarray, tolerance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 bounds ``low <= key - tol`` and ``high >= key + tol`` around the matches' float64 keys.
+
+    With ``tol`` the bound on an item's float32 key's error plus that on the match's key's, an item whose float32
+    key is below ``low`` is certainly before the match, one above ``high`` certainly after it. One float64 ulp
+    outward covers the rounding of the sums.
+    """
+    low, high = keys - tolerance, keys + tolerance
+    widened = tolerance > 0
+    low[widened] = np.nextafter(low[widened], -np.inf)
+    high[widened] = np.nextafter(high[widened], np.inf)
+    return _float32_outward(low, up=False), _float32_outward(high, up=True)
+
+
+def _flat_member(sorted_values: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``np.isin`` for a sorted haystack: True where ``values`` occur in ``sorted_values``."""
+    if len(sorted_values) == 0:
+        return np.zeros(len(values), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_values, values), len(sorted_values) - 1)
+    return sorted_values[at] == values
+
+
 def _ranks_in_pass(
     keys: np.ndarray,
     rows: np.ndarray,
     cols: np.ndarray,
+    match_keys: tuple[np.ndarray, np.ndarray],
+    junk: tuple[np.ndarray, np.ndarray],
     tolerance: np.ndarray,
-    exact: Callable[[np.ndarray, np.ndarray], np.ndarray],
-) -> np.ndarray:
-    """Exact 0-based ranks of the true matches ``(rows, cols)`` among the non-junk items of their rows.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ranks of the true matches ``(rows, cols)`` among the non-junk items of their rows, but for near-ties.
 
-    ``keys`` are float32 keys (junk set to +inf), within ``tolerance[row]`` of the exact keys that ``exact(rows,
-    columns)`` returns. Every item that could come before some match of its row (float32 key up to the
-    highest ``k + 2 tol``) is packed into one int64 -- row, order-preserving key bits, column -- and sorted;
-    then a binary search finds, for each match, how many items lie below its window and which lie in it.
+    ``keys`` are float32 keys within ``tolerance[row]`` of the exact keys; the matches' exact keys are within
+    ``bound`` of ``near``, ``match_keys = (near, bound)``; ``junk`` lists the (row, column) pairs that do not count.
+    Two steps, and no sorting of the gallery:
+
+    1. every key goes to a bin (``_RowBins``) and one histogram of the bins counts, for each match, the items
+       certainly before it: those in bins below the bin of its window's low end;
+    2. the few items in the bins its window touches are sorted (row, key, column packed into one int64) and
+       found by binary search: those below the window are before the match too.
+
+    Returns those counts and the near-ties left to settle: ``(match, column)`` pairs, an item of the match's
+    window (other than the match) each -- see ``_near_tie_ranks``.
     """
     n, width = keys.shape
+    if len(rows) == 0:  # only queries without a true match: nothing to rank
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     col_bits = max(1, (width - 1).bit_length())
-    col_mask, row_shift = (1 << col_bits) - 1, 32 + col_bits
-    if len(rows) == 0:
-        return np.zeros(0, dtype=np.int64)
+    low, high = _window(match_keys[0], tolerance[rows] + match_keys[1])
 
-    match_keys = keys[rows, cols].astype(np.float64)
-    spread = 2 * tolerance[rows]
-    low, high = match_keys - spread, match_keys + spread
-    widened = spread > 0  # one float64 ulp outward covers the rounding of the subtraction and addition
-    low[widened] = np.nextafter(low[widened], -np.inf)
-    high[widened] = np.nextafter(high[widened], np.inf)
-    low, high = _float32_outward(low, up=False), _float32_outward(high, up=True)
+    items = _Candidates.find(keys, rows, high)
+    bins = items.bins
+    total_bins = n * bins.per_row
+    low_bin, high_bin = bins.of(low, rows), bins.of(high, rows)
 
-    row_limit = np.full(n, -np.inf, dtype=np.float32)
-    np.maximum.at(row_limit, rows, high)
-    candidates = np.flatnonzero(keys <= row_limit[:, None])
-    cand_rows = candidates // width
-    packed = _ordered_bits(keys.reshape(-1)[candidates])
-    packed += cand_rows << 32
+    junk_flat = np.sort(junk[0] * width + junk[1])
+    counts = np.bincount(items.candidate_bins, minlength=total_bins)
+    counted_junk = junk_flat[items.counted(junk_flat)]
+    counts -= np.bincount(items.bins_at(counted_junk), minlength=total_bins)
+    before_bin = np.cumsum(counts) - counts  # items in all earlier bins, earlier rows included
+    ranks = before_bin[low_bin] - before_bin[rows * bins.per_row]  # the row's items in bins below low's
+
+    # the items of the bins the windows touch, sorted by row, key and column
+    edges = np.bincount(low_bin, minlength=total_bins + 1) - np.bincount(high_bin + 1, minlength=total_bins + 1)
+    selected = items.in_bins(np.cumsum(edges[:total_bins]) > 0)
+    selected = selected[~_flat_member(junk_flat, selected)]
+    sel_rows = selected // width
+    packed = _ordered_bits(keys.reshape(-1)[selected])
+    packed += sel_rows << 32
     packed <<= col_bits
-    candidates -= cand_rows * width  # now the column
-    packed |= candidates
-    del candidates
-    _sort_row_runs(packed, np.bincount(cand_rows, minlength=n))
-    del cand_rows
+    packed |= selected - sel_rows * width
+    _sort_row_runs(packed, np.bincount(sel_rows, minlength=n))
+    sel_bins = np.sort(items.bins_at(selected))  # bins do not decrease with the key: the order of ``packed``
 
-    row_base = rows << row_shift
-    row_start = np.searchsorted(packed, np.arange(n, dtype=np.int64) << row_shift, side="left")
+    col_mask = (1 << col_bits) - 1
+    row_base = rows << (32 + col_bits)
     low_pos = np.searchsorted(packed, row_base | (_ordered_bits(low) << col_bits), side="left")
     high_pos = np.searchsorted(packed, row_base | (_ordered_bits(high) << col_bits) | col_mask, side="right")
-    ranks = (low_pos - row_start[rows]).astype(np.int64)  # items certainly before the match
+    # selected items below the window, less those already counted in the histogram (bins below low's)
+    ranks += low_pos - np.searchsorted(sel_bins, low_bin, side="left")
 
-    window = high_pos - low_pos  # items that need an exact look, the match itself included
+    window = high_pos - low_pos  # the window's items, the match itself included
     crowded = np.flatnonzero(window > 1)
-    if len(crowded) == 0:
-        return ranks
     sizes = window[crowded]
-    pair = np.repeat(crowded, sizes)
-    offset = np.arange(len(pair)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-    item_cols = (packed[low_pos[pair] + offset] & col_mask).astype(np.int64)
-    other = item_cols != cols[pair]
-    pair, item_cols = pair[other], item_cols[other]
+    match = np.repeat(crowded, sizes)
+    item_cols = packed[np.arange(len(match)) - np.repeat(np.cumsum(sizes) - sizes - low_pos[crowded], sizes)]
+    item_cols &= col_mask
+    other = item_cols != cols[match]
+    return ranks, match[other], item_cols[other]
 
-    # Exact keys of every (row, column) involved, each computed once, the way the reference computes them.
-    item_flat = rows[pair] * width + item_cols
-    match_flat = rows[pair] * width + cols[pair]
-    needed = np.unique(np.concatenate([item_flat, match_flat]))
-    values = exact(*np.divmod(needed, width))
-    item_exact = values[np.searchsorted(needed, item_flat)]
-    match_exact = values[np.searchsorted(needed, match_flat)]
-    before = (item_exact < match_exact) | ((item_exact == match_exact) & (item_cols < cols[pair]))
-    ranks += np.bincount(pair[before], minlength=len(rows))
-    return ranks
+
+def _near_tie_ranks(
+    match: np.ndarray,
+    item_cols: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    match_keys: tuple[np.ndarray, np.ndarray],
+    source: _KeySource,
+) -> np.ndarray:
+    """How many of the near-ties ``(match, item column)`` come before their match, per match.
+
+    Items and matches have float64 keys from ``source.nearly`` (the matches' are ``match_keys``); only where an
+    item's and its match's are within their bounds of each other are the exact keys needed, and equal exact keys
+    go by gallery order.
+    """
+    item_rows = rows[match]
+    flat = item_rows * (int(item_cols.max(initial=0)) + 1) + item_cols
+    unique, which = np.unique(flat, return_inverse=True)
+    first = np.zeros(len(unique), dtype=np.int64)
+    first[which] = np.arange(len(which))
+    near, bound = source.nearly(item_rows[first], item_cols[first])
+    gap = near[which] - match_keys[0][match]
+    slack = bound[which] + match_keys[1][match]
+    before = gap < -slack
+    unsure = np.flatnonzero(np.abs(gap) <= slack)
+    if len(unsure):
+        item_exact = source.exact(item_rows[unsure], item_cols[unsure])
+        match_exact = source.exact(rows[match[unsure]], cols[match[unsure]])
+        ties_before = item_cols[unsure] < cols[match[unsure]]
+        before[unsure] = (item_exact < match_exact) | ((item_exact == match_exact) & ties_before)
+    return np.bincount(match[before], minlength=len(rows))
 
 
 class _GalleryIndex(NamedTuple):
@@ -508,6 +703,19 @@ class _GalleryIndex(NamedTuple):
         return rows, self.by_pid[lo[rows] + offsets]
 
 
+class _FromRow(NamedTuple):
+    """A key source seen from query row ``first`` on: what the work on a chunk of the queries asks for."""
+
+    source: _KeySource
+    first: int
+
+    def exact(self, queries: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        return self.source.exact(self.first + queries, columns)
+
+    def nearly(self, queries: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.source.nearly(self.first + queries, columns)
+
+
 def _block_results(
     keys: np.ndarray,
     tolerance: np.ndarray,
@@ -515,9 +723,9 @@ def _block_results(
     query_cams: np.ndarray,
     gallery: _GalleryIndex,
     ap: str,
-    exact: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    source: _KeySource,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Evaluate one block of queries from its (block, G) float32 keys (overwritten: junk becomes +inf).
+    """Evaluate one block of queries from its (block, G) float32 keys (``source`` counts rows from the block's).
 
     Returns ``(evaluated, ap_values, first_hit)``: a bool per query, and for the evaluated queries their
     AP and the 0-based rank of their first true match.
@@ -525,21 +733,30 @@ def _block_results(
     # Same-pid pairs are few (tens per query), so they are split into junk and true matches as lists.
     rows, cols = gallery.same_pid_pairs(query_pids)
     junk = junk_mask(query_pids[rows], query_cams[rows], gallery.pids[cols], gallery.cams[cols])
-    keys[rows[junk], cols[junk]] = np.inf  # sorts last: never before a match, never a candidate
+    junk_rows, junk_cols = rows[junk], cols[junk]
     rows, cols = rows[~junk], cols[~junk]
 
+    match_near, match_bound = source.nearly(rows, cols)
     ranks = np.empty(len(rows), dtype=np.int64)
-    step = max(1, _PAIRS_PER_PASS // max(keys.shape[1], 1))
+    near_ties = []
+    width = keys.shape[1]
+    step = max(1, min(_PAIRS_PER_PASS // max(width, 1), _BINS_PER_PASS // _bins_per_row(width)))
     for first in range(0, len(keys), step):
         last = min(first + step, len(keys))
         lo, hi = np.searchsorted(rows, [first, last])
-        ranks[lo:hi] = _ranks_in_pass(
+        junk_lo, junk_hi = np.searchsorted(junk_rows, [first, last])
+        ranks[lo:hi], match, item_cols = _ranks_in_pass(
             keys[first:last],
             rows[lo:hi] - first,
             cols[lo:hi],
+            (match_near[lo:hi], match_bound[lo:hi]),
+            (junk_rows[junk_lo:junk_hi] - first, junk_cols[junk_lo:junk_hi]),
             tolerance[first:last],
-            lambda rows, columns, first=first: exact(first + rows, columns),
         )
+        near_ties.append((lo + match, item_cols))
+    if near_ties:
+        match, item_cols = (np.concatenate(parts) for parts in zip(*near_ties, strict=True))
+        ranks += _near_tie_ranks(match, item_cols, rows, cols, (match_near, match_bound), source)
 
     # Put each query's hits in rank order; i is the 1-based hit number, r the 0-based rank.
     order = np.lexsort((ranks, rows))
@@ -599,7 +816,7 @@ def _evaluate_blocks(
             query_cams[start:stop],
             gallery,
             ap,
-            lambda rows, columns: source.exact(start + rows, columns),
+            _FromRow(source, start),
         )
 
     results, pending = [], []
@@ -650,8 +867,9 @@ def evaluate(
     Similarity is the dot product of the features as given, so L2-normalise them first to rank by cosine
     similarity. The ranking is that of float64 scores, equal scores in gallery order -- exactly what
     ``evaluate_naive`` computes -- but the scores are computed in float32 (one fast matrix product per chunk),
-    and only the items whose float32 score is too close to a true match's for float32 to tell them apart are
-    re-scored in float64 (see ``_FeatureKeys`` for the bound).
+    only the items whose float32 score is too close to a true match's for float32 to tell them apart are
+    re-scored in float64 (see ``_FeatureKeys`` for the bound), and the gallery is never sorted: the ranks of the
+    true matches are counted (``_ranks_in_pass``).
 
     AP for one query with ``n_good`` true matches, the ``i``-th (1-based) at 0-based rank ``r`` after
     junk removal:

@@ -31,6 +31,17 @@ def test_bench_train_prints_every_path_and_the_summary(tmp_path, monkeypatch, ca
     assert re.search(r"demo: data path .* 60 epochs of Market-1501's 12,936 training images would take \d+ min", out)
 
 
+def test_bench_train_busy_compares_idle_and_busy_runs_of_the_command_line(tmp_path, monkeypatch, capsys):
+    out = run_script(
+        "bench_train.py",
+        ["--busy", "--starts", "as shipped", "--busy_rounds", "1", "--busy_epochs", "2", "--train_ids", "6",
+         "--test_ids", "4", "--work_dir", str(tmp_path)],
+        monkeypatch, capsys,
+    )  # fmt: skip
+    assert re.search(r"round 1 idle: as shipped +[\d.]+ img/s", out) and re.search(r"round 1 busy: as shipped", out)
+    assert re.search(r"as shipped +idle +[\d.]+ img/s, busy +[\d.]+ img/s: keeps \d+% beside a busy core", out)
+
+
 def test_gpu_check_runs_its_steps_in_the_smoke_setting(tmp_path, monkeypatch, capsys):
     out = run_script("gpu_check.py", ["--smoke", "--epochs", "2", "--work_dir", str(tmp_path)], monkeypatch, capsys)
     assert re.search(r"train: \d+ images per epoch, first epoch [\d.]+ s \(cache included\), then \d+ img/s", out)
@@ -41,5 +52,20 @@ def test_gpu_check_runs_its_steps_in_the_smoke_setting(tmp_path, monkeypatch, ca
 
 def test_bench_evaluate_prints_the_ratio_and_checks_identity(monkeypatch, capsys):
     out = run_script("bench_evaluate.py", ["--shrink", "40", "--repeats", "1"], monkeypatch, capsys)
-    assert out.count(": True") == 2 and "False" not in out  # bit-identical to the loop, both AP conventions
-    assert re.search(r"idle \(median of 1\): evaluate [\d.]+ s, per-query loop [\d.]+ s .*: [\d.]+x", out)
+    assert out.count(": True") == 4 and "False" not in out  # bit-identical to the loop: both kinds, both APs
+    for kind in ("separated", "hard"):  # each kind against the product and against the loop
+        assert re.search(
+            rf"{kind} idle \(median of 1\): product [\d.]+ s, evaluate [\d.]+ s: [\d.]+x the product "
+            r"\(CPU seconds: [\d.]+x\); per-query loop .*: [\d.]+x evaluate",
+            out,
+        ), kind
+
+
+def test_bench_evaluate_msmt_size_reports_memory(monkeypatch, capsys):
+    out = run_script(
+        "bench_evaluate.py", ["--size", "msmt", "--shrink", "200", "--repeats", "1", "--features", "hard"],
+        monkeypatch, capsys,
+    )  # fmt: skip
+    assert out.count(": True") == 2 and "False" not in out
+    assert re.search(r"hard idle \(median of 1\): product [\d.]+ s, evaluate [\d.]+ s: [\d.]+x the product \(CPU", out)
+    assert re.search(r"hard: memory of one evaluate call above the features .*: peak resident \+\d+ MiB", out)

@@ -432,7 +432,7 @@ def test_near_ties_fool_float32_alone(monkeypatch):
     """The test above can fail: break either half of the re-check and the twins are misranked.
 
     Without the error bound (only float32 ties get a second look), the cancelling case goes wrong; with the
-    bound but a float32 re-check, the plain case does.
+    bound but a float32 re-check (both its BLAS and its einsum dot products), the plain case does.
     """
     cancelling = near_ties(0, np.float32, cancel=True)
     with monkeypatch.context() as patch:
@@ -445,6 +445,7 @@ def test_near_ties_fool_float32_alone(monkeypatch):
             return np.einsum("ij,ij->i", left.astype(np.float32), right.astype(np.float32)).astype(np.float64)
 
         patch.setattr(metrics, "_dot_pairs", in_float32)
+        patch.setattr(metrics, "_blas_dot_pairs", in_float32)
         assert not np.array_equal(evaluate(*plain).ap, evaluate_naive(*plain).ap)
 
 
@@ -526,3 +527,121 @@ def test_rank_gallery_refuses_a_nan_query_and_float_ids():
     with pytest.raises(ValueError, match="whole numbers"):
         rank_gallery(np.ones(1), 1.5, 1, gallery, pids, cams)
     assert rank_gallery(np.ones(1), 1, 1, gallery, pids, cams).order.tolist() == [0, 1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Hard features (an untrained network: true matches deep in the ranking among many near-ties)
+# --------------------------------------------------------------------------------------------------
+
+
+def hard_split(seed: int, nq: int = 30, ng: int = 2000, dim: int = 32, num_ids: int = 150):
+    """Nearly random features: mAP of a few %, most true matches far down, many items close to each."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((num_ids + 1, dim))
+    qp, qc = rng.integers(1, num_ids + 1, nq), rng.integers(1, 7, nq)
+    gp, gc = rng.integers(-1, num_ids + 1, ng), rng.integers(1, 7, ng)
+    qf = 0.1 * centres[qp] + rng.standard_normal((nq, dim))
+    gf = 0.1 * centres[np.maximum(gp, 0)] + rng.standard_normal((ng, dim))
+    gf[::7] = gf[3::7][: len(gf[::7])] if ng > 10 else gf[::7]  # duplicated rows: exact ties
+    gf[5::11] = np.round(gf[5::11], 1)  # coarse values: more ties
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    return unit(qf), qp, qc, unit(gf), gp, gc
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_hard_features_equal_naive_exactly(seed, monkeypatch):
+    data = hard_split(seed)
+    reference = {ap: evaluate_naive(*data, ap=ap) for ap in ("market", "step")}
+    assert reference["market"].mAP < 0.5  # hard indeed
+    for ap in ("market", "step"):
+        for chunk_size in (None, 1, 7):
+            assert_identical(evaluate(*data, ap=ap, chunk_size=chunk_size), reference[ap])
+    # several passes per chunk and coarse bins (many items in each): still the same ranks
+    monkeypatch.setattr(metrics, "_PAIRS_PER_PASS", 3000)
+    monkeypatch.setattr(metrics, "_MIN_BINS", 16)
+    monkeypatch.setattr(metrics, "_bins_per_row", lambda width: 16)
+    for ap in ("market", "step"):
+        assert_identical(evaluate(*data, ap=ap), reference[ap])
+
+
+def test_hard_features_sort_only_the_near_ties(monkeypatch):
+    """The histogram counts the items certainly before each match; only those close to a match are sorted.
+
+    Sorting every item up to a row's worst match (what a rank needs without the histogram) would sort most of
+    the gallery here: the true matches of hard features sit deep in the ranking.
+    """
+    data = hard_split(3, nq=40, ng=3000)
+    sorted_keys = []
+    original = metrics._sort_row_runs
+
+    def counting(packed, per_row):
+        sorted_keys.append(len(packed))
+        original(packed, per_row)
+
+    monkeypatch.setattr(metrics, "_sort_row_runs", counting)
+    assert_identical(evaluate(*data), evaluate_naive(*data))
+    pairs = len(data[0]) * len(data[3])
+    assert sum(sorted_keys) < 0.1 * pairs, (sum(sorted_keys), pairs)
+
+
+def test_row_bins_never_disagree_with_the_keys():
+    """bin(x) < bin(t) must mean x < t, and bin(x) > bin(t) x > t, for any row of keys and any threshold,
+    with every bin inside its row's range: rows of extreme, tiny, equal and signed-zero keys included."""
+    rng = np.random.default_rng(8)
+    big, tiny = np.finfo(np.float32).max, np.finfo(np.float32).smallest_subnormal
+    rows = [
+        rng.standard_normal(50),
+        np.full(50, 0.7),
+        np.r_[np.full(25, 0.9), np.full(25, np.nextafter(np.float32(0.9), np.float32(1)))],
+        np.r_[rng.choice([-big, big], 10), rng.standard_normal(40)],
+        np.r_[[-0.0, 0.0, tiny, -tiny], rng.standard_normal(46) * 1e-40],
+        rng.standard_normal(50) * 1e30 + 3e37,
+        np.r_[[1e-30], rng.standard_normal(49) * 1e-33 + 1.0],
+    ]
+    keys = np.array(rows, dtype=np.float32)
+    per_row = 16
+    bins = metrics._RowBins.fit(keys.min(axis=1), keys.max(axis=1), per_row)
+    item_bins = bins.of_rows(keys, np.empty_like(keys), np.empty(keys.shape, dtype=np.int32))
+    starts = np.arange(len(keys))[:, None] * per_row
+    assert (item_bins >= starts).all() and (item_bins < starts + per_row).all()
+    neighbours = np.nextafter(keys, np.float32(0))  # one float32 step toward zero: finite everywhere
+    thresholds = np.concatenate([keys, neighbours, np.full((len(keys), 3), [-big, 0.0, big])], 1)
+    for r in range(len(keys)):
+        t = thresholds[r].astype(np.float32)
+        t_bins = bins.of(t, np.full(len(t), r))
+        x, x_bins = keys[r][:, None], item_bins[r][:, None]
+        assert not ((x_bins < t_bins) & ~(x < t)).any()
+        assert not ((x_bins > t_bins) & ~(x > t)).any()
+
+
+def test_near_ties_trust_blas_only_within_its_bound(monkeypatch):
+    """Items close to a match, and the matches, are placed by BLAS dot products, whose rounding may differ from
+    the reference's einsum by up to ``close``: off by half of that they still rank right, but not when trusted
+    without the bound (so the test can fail)."""
+    data = near_ties(0, np.float64, 1e-13)
+    reference = evaluate_naive(*data)
+    original = metrics._blas_dot_pairs
+
+    def off_by(fraction):
+        """BLAS scores off by ``fraction`` of their bound: down for the matches, up for the items close to them
+        (the first call of an evaluation scores the matches, the next ones the items), so items gain on matches."""
+        calls = []
+
+        def dot(left, right):
+            calls.append(len(left))
+            norms = np.linalg.norm(left, axis=1) * np.linalg.norm(right, axis=1)
+            bound = 2 * metrics._gamma(left.shape[1], 2.0**-53) * norms
+            return original(left, right) + (-1 if len(calls) == 1 else 1) * fraction * bound
+
+        return dot
+
+    def unbounded(self, queries, columns):
+        return self._pairs_in_gallery_order(queries, columns, metrics._blas_dot_pairs), np.zeros(len(queries))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(metrics, "_blas_dot_pairs", off_by(0.5))
+        assert_identical(evaluate(*data), reference)
+    with monkeypatch.context() as patch:  # the same values, trusted without their bound
+        patch.setattr(metrics, "_blas_dot_pairs", off_by(0.5))
+        patch.setattr(metrics._FeatureKeys, "nearly", unbounded)
+        assert not np.array_equal(evaluate(*data).ap, reference.ap)
