@@ -127,3 +127,36 @@ def test_the_test_setup_imports_no_torch():
     code = "import sys, reid_utils.series; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_the_runner_prints_only_its_own_lines_and_saves_static_pictures(tmp_path):
+    """A run's stderr stays empty (no kernel warning per notebook); the executed notebook shows, without a
+    live kernel, the picture and text its widgets carry, and names the kernel as JupyterLab would."""
+    import subprocess
+    import sys
+
+    from ipykernel.kernelspec import KERNEL_NAME, get_kernel_dict
+
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    draw = "lambda q: plt.figure(figsize=(1, 1))"
+    _notebook(
+        folder, "01_widgets",
+        "from tqdm.auto import tqdm\nfor _ in tqdm(range(3), desc='bar'):\n    pass",
+        f"import matplotlib.pyplot as plt\nfrom reid_utils.visualize import QueryBrowser\nQueryBrowser({draw}, 2)",
+    )  # fmt: skip
+    command = [sys.executable, "-m", "reid_utils.series", "--notebooks", str(folder), "--out", str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert done.stderr == ""
+    assert [line.split()[0] for line in done.stdout.split("\n") if line] == ["01_widgets.ipynb", "all"]
+    executed = nbformat.read(tmp_path / "out" / "notebooks" / "01_widgets.ipynb", as_version=4)
+    bar, browser = (cell.outputs for cell in executed.cells[1:])
+    shown = [output["data"] for output in bar + browser if "data" in output]
+    assert all("application/vnd.jupyter.widget-view+json" not in data for data in shown)
+    assert any("bar: 100%|██████████| 3/3" in data.get("text/plain", "") for data in shown)
+    assert any("image/png" in data and "QueryBrowser over 2 queries" in data["text/plain"] for data in shown)
+    assert "widgets" not in executed.metadata  # no state for views that are gone
+    installed = get_kernel_dict()
+    assert executed.metadata.kernelspec == {
+        "name": KERNEL_NAME, "display_name": installed["display_name"], "language": installed["language"]
+    }  # fmt: skip
