@@ -89,3 +89,31 @@ def test_the_package_docstring_lists_every_module_once():
     named = [name for name in listed if name in modules]
     twice = {name for name in named if named.count(name) > 1}
     assert sorted(named) == sorted(modules), f"missing: {modules - set(named)}; listed twice: {twice}"
+
+
+def _notebooks() -> list[Path]:
+    return sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def test_the_notebooks_name_the_kernel_as_the_installed_ipykernel_does():
+    """JupyterLab writes the kernel's own spec into a notebook it opens; a different one in the saved file
+    makes a notebook a student only read "changed" (a save prompt, and a conflict at the next git pull)."""
+    import nbformat
+    from ipykernel.kernelspec import KERNEL_NAME, get_kernel_dict
+
+    installed = get_kernel_dict()
+    expected = {"name": KERNEL_NAME, "display_name": installed["display_name"], "language": installed["language"]}
+    for path in _notebooks():
+        assert nbformat.read(path, as_version=4).metadata.kernelspec == expected, path.name
+
+
+def test_the_notebooks_show_static_pictures_not_widgets_that_need_a_kernel():
+    """A saved widget view needs its model in a running kernel: reopened, it shows "Error displaying widget:
+    model not found". The committed notebooks keep the picture or text each widget carries instead."""
+    import nbformat
+
+    for path in _notebooks():
+        notebook = nbformat.read(path, as_version=4)
+        outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
+        views = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+        assert not views and "widgets" not in notebook.metadata, path.name
