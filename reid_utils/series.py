@@ -99,11 +99,13 @@ def kernel_manager_config():
 
     jupyter_client 8.10 and later give the kernel CurveZMQ keys when its kernelspec says it supports them
     (``transport_encryption="auto"``); older versions have no such setting, and their kernels do not warn.
+    A pyzmq built without CurveZMQ would refuse the setting: the kernel then runs as before.
     """
+    import zmq
     from jupyter_client.manager import KernelManager
     from traitlets.config import Config
 
-    if "transport_encryption" not in KernelManager.class_trait_names():
+    if "transport_encryption" not in KernelManager.class_trait_names() or not zmq.has("curve"):
         return Config()
     return Config({"KernelManager": {"transport_encryption": "auto"}})
 

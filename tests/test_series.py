@@ -3,7 +3,7 @@
 import nbformat
 import pytest
 
-from reid_utils.series import inject_profile, main, show_progress_bars_as_they_ended
+from reid_utils.series import inject_profile, kernel_manager_config, main, show_progress_bars_as_they_ended
 
 
 def test_html_export_of_the_committed_notebooks(tmp_path, capsys):
@@ -160,3 +160,11 @@ def test_the_runner_prints_only_its_own_lines_and_saves_static_pictures(tmp_path
     assert executed.metadata.kernelspec == {
         "name": KERNEL_NAME, "display_name": installed["display_name"], "language": installed["language"]
     }  # fmt: skip
+
+
+def test_the_kernels_connection_is_encrypted_where_pyzmq_can(monkeypatch):
+    import zmq
+
+    assert kernel_manager_config().KernelManager.transport_encryption == "auto"  # jupyter_client >= 8.10 here
+    monkeypatch.setattr(zmq, "has", lambda feature: False)  # a pyzmq without CurveZMQ: the setting would fail
+    assert kernel_manager_config() == {}
