@@ -168,3 +168,29 @@ def test_the_kernels_connection_is_encrypted_where_pyzmq_can(monkeypatch):
     assert kernel_manager_config().KernelManager.transport_encryption == "auto"  # jupyter_client >= 8.10 here
     monkeypatch.setattr(zmq, "has", lambda feature: False)  # a pyzmq without CurveZMQ: the setting would fail
     assert kernel_manager_config() == {}
+
+
+def _ablation_plan(profile: str) -> dict:
+    """Notebook 06's ablation cell run on its own under ``profile``: its setting, seeds and steps."""
+    from reid_utils.data import repo_root
+    from reid_utils.train import PROFILES
+
+    notebook = nbformat.read(repo_root() / "notebooks" / "06_going_further.ipynb", as_version=4)
+    cell = next(cell for cell in notebook.cells if cell.cell_type == "code" and "seeds = " in cell.source)
+    namespace = {"PROFILES": PROFILES, "profile": profile}
+    exec(cell.source, namespace)  # the notebook's own code: it defines and prints, it trains nothing
+    return namespace
+
+
+def test_the_ablation_of_notebook_06_follows_the_profile(capsys):
+    """``series --profile cpu-quick`` is the quick check of a laptop: 06's fifteen trainings were most of it."""
+    from reid_utils.train import PROFILES
+
+    def trained_epochs(plan: dict) -> int:
+        return len(plan["steps"]) * len(plan["seeds"]) * plan["setting"]["total_epoch"]
+
+    demo, quick = _ablation_plan("cpu-demo"), _ablation_plan("cpu-quick")
+    assert (len(demo["seeds"]), demo["setting"]["total_epoch"]) == (3, 2)  # the documented ablation, unchanged
+    assert trained_epochs(quick) * 3 <= trained_epochs(demo) and len(quick["seeds"]) >= 2  # still a spread
+    assert quick["setting"]["backbone"] == PROFILES["cpu-quick"]["backbone"]
+    assert "5 settings x 2 seeds" in capsys.readouterr().out
