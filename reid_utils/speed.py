@@ -137,12 +137,13 @@ def bf16_step_error(model: nn.Module, image_size: tuple[int, int], batch: int = 
 
     A copy of ``model`` (the run's own weights, running statistics and random numbers stay as they are) takes
     one step on ``batch`` random images of ``image_size``, once in float32 and once under bfloat16 autocast
-    as training does: the work of half a training step at batch 32. Sizes, not directions: in a randomly
-    initialised ResNet, float32 itself, with its weights rounded to bfloat16's precision, gives gradients
-    pointing elsewhere but of the same size, while a broken kernel gives sizes far off. Norms below 1e-3 of
-    the largest are lifted to that floor (the bias before a BatchNorm has a gradient of next to nothing, and
-    rounding noise larger than that). 8 images, not 4: with 4, BatchNorm's statistics are so noisy that
-    rounding alone moved a gradient 4x.
+    as training does: about the time of one bfloat16 training step at batch 32. Sizes, not directions: in a
+    randomly initialised ResNet, float32 itself, with its weights rounded to bfloat16's precision, gives
+    gradients pointing elsewhere but of the same size, while a broken kernel gives sizes far off. Norms below
+    1e-3 of the largest are lifted to that floor (the bias before a BatchNorm has a gradient of next to
+    nothing, and rounding noise larger than that). 8 images, not 4: with 4, BatchNorm's statistics are so
+    noisy that rounding alone moved a gradient 4x. A kernel that reads memory it did not write (the one
+    ``needs_float32`` avoids) can be right in this step and wrong later: the check is a guard, not a proof.
     """
     probe = copy.deepcopy(model).train()
     images = torch.randn(batch, 3, *image_size, generator=torch.Generator().manual_seed(0))
