@@ -48,7 +48,8 @@ from reid_utils.test import evaluation_loader, extract_features, load_trained_mo
 from reid_utils.train import PROFILES, TrainOptions, train
 from reid_utils.train import main as train_command
 
-SMOKE = {"backbone": "resnet18", "height": 48, "width": 24, "batchsize": 16, "lr": 0.01}  # CPU bf16 needs >= 48x24
+# 48x24: layer4's output is one pixel wide, where oneDNN's bfloat16 weight gradients went wrong (speed.needs_float32)
+SMOKE = {"backbone": "resnet18", "height": 48, "width": 24, "batchsize": 16, "lr": 0.01}
 
 
 def describe_device(device: torch.device) -> str:

@@ -29,6 +29,7 @@ from reid_utils.files import atomic_write, write_problem
 # computes the same numbers only with the same thread count (how a sum is split between threads).
 TEST_ENVIRONMENT = {"REID_OFFLINE": "1", "REID_DATASET": "synthetic", "OMP_NUM_THREADS": "2"}
 PARAMETERS_TAG = "parameters"
+KERNEL_NAME = "python3"  # ipykernel's kernel, the one every notebook names
 INJECTED_TAG = "injected-parameters"
 
 
@@ -79,9 +80,10 @@ def execute(path: Path, timeout: int | None = None, profile: str | None = None):
     client = NotebookClient(
         notebook,
         timeout=timeout,
-        kernel_name="python3",
+        kernel_name=KERNEL_NAME,
         record_timing=False,  # no timestamps in cell metadata: re-runs leave clean diffs
         resources={"metadata": {"path": str(path.parent)}},
+        config=kernel_manager_config(),
     )
     try:
         client.execute()
@@ -89,7 +91,54 @@ def execute(path: Path, timeout: int | None = None, profile: str | None = None):
         err.notebook = notebook
         raise
     show_progress_bars_as_they_ended(notebook)
+    keep_static_pictures(notebook)
+    notebook.metadata["kernelspec"] = installed_kernelspec()
     return notebook
+
+
+def kernel_manager_config():
+    """Encrypt the runner's connection to its kernels, where jupyter_client can: then ipykernel (7.4 and later)
+    has nothing to warn about on stderr ("Kernel is running over TCP without encryption", once per notebook).
+
+    jupyter_client 8.10 and later give the kernel CurveZMQ keys when its kernelspec says it supports them
+    (``transport_encryption="auto"``); older versions have no such setting, and their kernels do not warn.
+    A pyzmq built without CurveZMQ would refuse the setting: the kernel then runs as before.
+    """
+    import zmq
+    from jupyter_client.manager import KernelManager
+    from traitlets.config import Config
+
+    if "transport_encryption" not in KernelManager.class_trait_names() or not zmq.has("curve"):
+        return Config()
+    return Config({"KernelManager": {"transport_encryption": "auto"}})
+
+
+def installed_kernelspec() -> dict:
+    """The notebook metadata JupyterLab writes for the Python kernel installed here (``{name, display_name,
+    language}``): with the same in the saved notebooks, opening one changes nothing, so no "save changes?"
+    prompt and no ``git pull`` conflict for a file a student only read."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec(KERNEL_NAME)
+    return {"display_name": spec.display_name, "language": spec.language, "name": KERNEL_NAME}
+
+
+def keep_static_pictures(notebook) -> None:
+    """Outputs of widgets keep only their static copy: the picture or text a reader sees without a live kernel.
+
+    A widget's output is a reference to a model in the kernel, next to a static copy (the query browser's PNG,
+    the progress bar's last line). JupyterLab shows the reference first, and once the kernel has restarted the
+    model is gone: "Error displaying widget: model not found". So a saved notebook keeps the static copy, and
+    the widget state saved beside it goes (a live run draws its widgets again).
+    """
+    view = "application/vnd.jupyter.widget-view+json"
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if view in data and set(data) - {view}:
+                del data[view]
+    if not any(view in o.get("data", {}) for cell in notebook.cells for o in cell.get("outputs", [])):
+        notebook.metadata.pop("widgets", None)
 
 
 def failure_line(path: Path, notebook, err: Exception, timeout: int | None) -> str:

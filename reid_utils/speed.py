@@ -15,11 +15,14 @@ like the classic script, and these pieces wrap the model, the criterion and the 
 
 from __future__ import annotations
 
+import copy
 import ctypes
+import math
 import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -49,21 +52,55 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-# torch 2.14's oneDNN bfloat16 convolutions compute garbage weight gradients (up to 1e32) for ResNet's stride-2
-# convolution in layer4 when its input map is 2x1, i.e. for 32x16 images; 48x24 and larger train normally
-# (checked on an AVX-512 BF16 CPU with plain torchvision models: 6 of 6 runs broke at 32x16, 0 of 6 at 48x24).
-CPU_BF16_MIN_SIZE = (48, 24)
+def needs_float32(conv: nn.Conv2d, size: tuple[int, int]) -> bool:
+    """Whether oneDNN's bfloat16 weight gradient is unsafe for a convolution on an input map this size.
+
+    It is where the output is a single row or column, or where one of the kernel's rows or columns sees only
+    padding at every output position (its true gradient is exactly zero). On an AVX-512 BF16 CPU (torch
+    2.14, oneDNN 3.12) every stride-2 3x3 convolution with a one-pixel-wide input gave NaN or values up to
+    1e32 for its weight gradient (ResNet's ``layer4`` at 32x16 images); on AMX CPUs the smoke run at 48x24,
+    where ``layer4``'s output is one pixel wide, ends in NaN, while 128x64 trains (``benchmarks/RESULTS.md``).
+    """
+    for side, kernel, stride, padding, dilation in zip(size, conv.kernel_size, conv.stride, conv.padding,
+                                                       conv.dilation, strict=True):  # fmt: skip
+        outputs = range((side + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1)
+        if len(outputs) <= 1:
+            return True
+        for tap in range(kernel):
+            if all(not 0 <= o * stride - padding + tap * dilation < side for o in outputs):
+                return True
+    return False
+
+
+def _float32_on_tiny_maps(conv: nn.Conv2d, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook: under CPU autocast, compute a convolution that ``needs_float32`` in float32 instead.
+
+    Its bfloat16 result is dropped, so the backward pass never runs oneDNN's bfloat16 weight gradient for
+    it. These convolutions work on maps of a pixel or two: float32 there costs nothing.
+    """
+    inputs = args[0]
+    if not torch.is_autocast_enabled("cpu") or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return None
+    if not needs_float32(conv, tuple(inputs.shape[-2:])):
+        return None
+    with torch.autocast("cpu", enabled=False):
+        return F.conv2d(inputs.float(), conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def choose_precision(
-    device: torch.device, fp16: bool = False, bf16: bool = False, image_size: tuple[int, int] | None = None
+    device: torch.device,
+    fp16: bool = False,
+    bf16: bool = False,
+    model: nn.Module | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> tuple[torch.dtype | None, str]:
     """The autocast type for this device (``None``: plain float32) and a notice when a request falls back.
 
     CUDA: bfloat16 with ``--bf16`` (float16 with loss scaling on GPUs without it), float16 with ``--fp16``.
     CPU: bfloat16 with ``--bf16`` on a CPU with native bfloat16, where it pays for large models (ResNet-50
-    at 256x128 trained ~3x faster on our 2-core test machine; the small demo model gains nothing), for
-    inputs of at least ``CPU_BF16_MIN_SIZE``; else float32, and float32 for ``--fp16`` (a GPU format).
+    at 256x128 trained ~3x faster on our 2-core test machine; the small demo model gains nothing), and where
+    one bfloat16 training step of ``model`` at ``image_size`` computes what float32 does (``bf16_step_error``);
+    else float32, and float32 for ``--fp16`` (a GPU format).
     """
     if device.type == "cuda":
         if bf16 and not torch.cuda.is_bf16_supported():
@@ -74,23 +111,72 @@ def choose_precision(
     if bf16:
         if not cpu_has_bf16():
             return None, "This CPU has no native bfloat16 (AVX-512 BF16 or AMX): training in float32 instead."
-        if image_size is not None and (image_size[0] < CPU_BF16_MIN_SIZE[0] or image_size[1] < CPU_BF16_MIN_SIZE[1]):
-            low_h, low_w = CPU_BF16_MIN_SIZE
-            return None, (
-                f"bfloat16 on the CPU gives wrong gradients for images smaller than {low_h}x{low_w} (a bug of "
-                f"torch's oneDNN kernels): training in float32 instead."
-            )
+        if model is not None and image_size is not None:
+            error = bf16_step_error(model, image_size)
+            if not error <= BF16_STEP_TOLERANCE:
+                return None, (
+                    f"bfloat16 on this CPU does not compute what float32 does (a test step's gradients were up to "
+                    f"{error:.3g}x off, allowed {BF16_STEP_TOLERANCE:g}x): training in float32 instead."
+                )
         return torch.bfloat16, ""
     if fp16:
         return None, "float16 mixed precision is for GPUs: training in float32 on the CPU instead."
     return None, ""
 
 
+# How much larger or smaller one bfloat16 step's gradient of a parameter may be than float32's
+# (``bf16_step_error``). Rounding moved it by at most 1.39x (randomly initialised ResNet-18/34/50 with either
+# head and last stride, 32x16 to 256x128, 37 cases; ``benchmarks/RESULTS.md``); the broken convolutions that
+# ``needs_float32`` routes around gave 1e9x and more, or NaN.
+BF16_STEP_TOLERANCE = 4.0
+
+
+def bf16_step_error(model: nn.Module, image_size: tuple[int, int], batch: int = 8) -> float:
+    """How far one bfloat16 training step on this CPU lands from float32's: the largest factor by which a
+    parameter's gradient is larger or smaller (1.0: the same size everywhere; ``inf`` for NaN or infinity).
+
+    A copy of ``model`` (the run's own weights, running statistics and random numbers stay as they are) takes
+    one step on ``batch`` random images of ``image_size``, once in float32 and once under bfloat16 autocast
+    as training does: about the time of one bfloat16 training step at batch 32. Sizes, not directions: in a
+    randomly initialised ResNet, float32 itself, with its weights rounded to bfloat16's precision, gives
+    gradients pointing elsewhere but of the same size, while a broken kernel gives sizes far off. Norms below
+    1e-3 of the largest are lifted to that floor (the bias before a BatchNorm has a gradient of next to
+    nothing, and rounding noise larger than that). 8 images, not 4: with 4, BatchNorm's statistics are so
+    noisy that rounding alone moved a gradient 4x. A kernel that reads memory it did not write (the one
+    ``needs_float32`` avoids) can be right in this step and wrong later: the check is a guard, not a proof.
+    """
+    probe = copy.deepcopy(model).train()
+    images = torch.randn(batch, 3, *image_size, generator=torch.Generator().manual_seed(0))
+    if any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+           for p in probe.parameters()):  # fmt: skip
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.random.fork_rng(devices=[]):  # the same dropout both times; the run's generator untouched
+        exact = [g.norm().item() for g in _gradients(probe, images)]
+        rounded = [g.norm().item() for g in _gradients(Autocast(probe, "cpu", torch.bfloat16), images)]
+    floor = 1e-3 * max(exact)
+    factors = [(b + floor) / (a + floor) for a, b in zip(exact, rounded, strict=True)]
+    worst = max(max(f, 1 / f) if f > 0 else math.inf for f in factors)
+    return worst if math.isfinite(worst) else math.inf
+
+
+def _gradients(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """Every parameter's gradient of the cross-entropy of one batch, labels 0, 1, 2, ... (dropout seeded)."""
+    torch.manual_seed(0)
+    model.zero_grad(set_to_none=True)
+    logits = model(images).float()
+    labels = torch.arange(len(images)) % logits.shape[1]
+    F.cross_entropy(logits, labels).backward()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in parameters]
+
+
 class Autocast(nn.Module):
     """Run a module's forward pass under ``torch.autocast`` (wrap the model, and the criterion).
 
     The loop then calls ``model(inputs)`` as usual. Only the forward pass is autocast: the backward pass
-    runs each operation in the type its forward pass used, as PyTorch recommends.
+    runs each operation in the type its forward pass used, as PyTorch recommends. bfloat16 on the CPU:
+    convolutions on maps of a pixel or two run in float32 (a hook on each convolution; ``needs_float32``
+    says why).
     """
 
     def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype) -> None:
@@ -98,6 +184,10 @@ class Autocast(nn.Module):
         self.module = module
         self.device_type = device_type
         self.dtype = dtype
+        if device_type == "cpu" and dtype == torch.bfloat16:
+            for conv in module.modules():
+                if isinstance(conv, nn.Conv2d):
+                    conv.register_forward_hook(_float32_on_tiny_maps)
 
     def forward(self, *args, **kwargs):
         with torch.autocast(self.device_type, self.dtype):

@@ -461,7 +461,7 @@ def _train_in(folder, opts, resume, overwrite, quiet, return_model, given, rank,
 
     # Around the loop: mixed precision (the model, the criterion and the optimiser get wrapped) and warm-up.
     step_optimizer, scaler = optimizer, None
-    dtype, notice = choose_precision(device, opts.fp16, opts.bf16, (opts.height, opts.width))
+    dtype, notice = choose_precision(device, opts.fp16, opts.bf16, unwrap(model), (opts.height, opts.width))
     if notice and not quiet:
         print(notice)
     if dtype is not None:

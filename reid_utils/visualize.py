@@ -154,7 +154,8 @@ class QueryBrowser:
     is a slider above the picture, redrawn when the slider moves (the picture is an image widget whose value is
     replaced: one output, updated in place). Wherever widgets do not run -- a static HTML page, GitHub, nbval, a
     kernel without ipywidgets -- the same output shows the picture of the query the slider is on: it travels
-    with the widget as a PNG in the same output.
+    with the widget as a PNG in the same output. Notebooks saved by ``python -m reid_utils.series`` keep only
+    that picture (``series.keep_static_pictures``): a reopened notebook has no kernel behind the slider.
     """
 
     def __init__(self, draw: Callable[[int], plt.Figure], count: int, start: int = 0) -> None:

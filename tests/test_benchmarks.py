@@ -50,6 +50,15 @@ def test_gpu_check_runs_its_steps_in_the_smoke_setting(tmp_path, monkeypatch, ca
     assert "resume of a killed run: exact" in out  # on a CPU the resumed run is the uninterrupted one
 
 
+def test_bench_bf16_cpu_prints_both_curves_and_the_check(tiny_prepared, monkeypatch, capsys):
+    arguments = ["--sizes", "32x16", "--epochs", "1", "--data_dir", str(tiny_prepared)]
+    out = run_script("bench_bf16_cpu.py", arguments, monkeypatch, capsys)
+    assert re.search(r"32x16: start-up check: gradients up to [\d.]+x off \(allowed 4x\): bf16 (kept|refused)", out)
+    curves = re.findall(r"^ +(?:train_loss|val_err)? +(fp32|bf16) +[\d.]+$", out, re.MULTILINE)
+    assert curves == ["fp32", "bf16", "fp32", "bf16"]  # training loss and val error of both runs
+    assert re.search(r"bf16 follows float32: training loss at most [\d.]+% apart over 1 epochs", out)
+
+
 def test_bench_evaluate_prints_the_ratio_and_checks_identity(monkeypatch, capsys):
     out = run_script("bench_evaluate.py", ["--shrink", "40", "--repeats", "1"], monkeypatch, capsys)
     assert out.count(": True") == 4 and "False" not in out  # bit-identical to the loop: both kinds, both APs

@@ -112,3 +112,31 @@ def test_notebook_cells_hold_no_test_scaffolding():
     for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
         for cell in nbformat.read(path, as_version=4).cells:
             assert "NBVAL" not in cell.source.upper().replace("-", "_"), f"{path.name}: {cell.source[:60]!r}"
+
+
+def _notebooks() -> list[Path]:
+    return sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def test_the_notebooks_name_the_kernel_as_the_installed_ipykernel_does():
+    """JupyterLab writes the kernel's own spec into a notebook it opens; a different one in the saved file
+    makes a notebook a student only read "changed" (a save prompt, and a conflict at the next git pull)."""
+    import nbformat
+    from ipykernel.kernelspec import KERNEL_NAME, get_kernel_dict
+
+    installed = get_kernel_dict()
+    expected = {"name": KERNEL_NAME, "display_name": installed["display_name"], "language": installed["language"]}
+    for path in _notebooks():
+        assert nbformat.read(path, as_version=4).metadata.kernelspec == expected, path.name
+
+
+def test_the_notebooks_show_static_pictures_not_widgets_that_need_a_kernel():
+    """A saved widget view needs its model in a running kernel: reopened, it shows "Error displaying widget:
+    model not found". The committed notebooks keep the picture or text each widget carries instead."""
+    import nbformat
+
+    for path in _notebooks():
+        notebook = nbformat.read(path, as_version=4)
+        outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
+        views = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+        assert not views and "widgets" not in notebook.metadata, path.name

@@ -3,7 +3,7 @@
 import nbformat
 import pytest
 
-from reid_utils.series import inject_profile, main, show_progress_bars_as_they_ended
+from reid_utils.series import inject_profile, kernel_manager_config, main, show_progress_bars_as_they_ended
 
 
 def test_html_export_of_the_committed_notebooks(tmp_path, capsys):
@@ -155,3 +155,72 @@ def test_the_real_ablation_of_notebook_06_starts_only_when_switched_on(capsys):
             assert "about 4 h on one GPU" in printed and "TRAIN_THE_REAL_ABLATION = True" in printed
             assert namespace["setting"]["backbone"] == "resnet18" and total == 30
             assert namespace["setting"]["gpu_ids"] == "0"  # the small ablation on the GPU that is there
+
+
+def test_the_runner_prints_only_its_own_lines_and_saves_static_pictures(tmp_path):
+    """A run's stderr stays empty (no kernel warning per notebook); the executed notebook shows, without a
+    live kernel, the picture and text its widgets carry, and names the kernel as JupyterLab would."""
+    import subprocess
+    import sys
+
+    from ipykernel.kernelspec import KERNEL_NAME, get_kernel_dict
+
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    draw = "lambda q: plt.figure(figsize=(1, 1))"
+    _notebook(
+        folder, "01_widgets",
+        "from tqdm.auto import tqdm\nfor _ in tqdm(range(3), desc='bar'):\n    pass",
+        f"import matplotlib.pyplot as plt\nfrom reid_utils.visualize import QueryBrowser\nQueryBrowser({draw}, 2)",
+    )  # fmt: skip
+    command = [sys.executable, "-m", "reid_utils.series", "--notebooks", str(folder), "--out", str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert done.stderr == ""
+    assert [line.split()[0] for line in done.stdout.split("\n") if line] == ["01_widgets.ipynb", "all"]
+    executed = nbformat.read(tmp_path / "out" / "notebooks" / "01_widgets.ipynb", as_version=4)
+    bar, browser = (cell.outputs for cell in executed.cells[1:])
+    shown = [output["data"] for output in bar + browser if "data" in output]
+    assert all("application/vnd.jupyter.widget-view+json" not in data for data in shown)
+    assert any("bar: 100%|██████████| 3/3" in data.get("text/plain", "") for data in shown)
+    assert any("image/png" in data and "QueryBrowser over 2 queries" in data["text/plain"] for data in shown)
+    assert "widgets" not in executed.metadata  # no state for views that are gone
+    installed = get_kernel_dict()
+    assert executed.metadata.kernelspec == {
+        "name": KERNEL_NAME, "display_name": installed["display_name"], "language": installed["language"]
+    }  # fmt: skip
+
+
+def test_the_kernels_connection_is_encrypted_where_pyzmq_can(monkeypatch):
+    import zmq
+
+    assert kernel_manager_config().KernelManager.transport_encryption == "auto"  # jupyter_client >= 8.10 here
+    monkeypatch.setattr(zmq, "has", lambda feature: False)  # a pyzmq without CurveZMQ: the setting would fail
+    assert kernel_manager_config() == {}
+
+
+def _ablation_plan(profile: str) -> dict:
+    """Notebook 06's ablation cell run on its own under ``profile``: its setting, seeds and steps."""
+    from reid_utils.data import repo_root
+    from reid_utils.train import PROFILES
+
+    notebook = nbformat.read(repo_root() / "notebooks" / "06_going_further.ipynb", as_version=4)
+    cell = next(cell for cell in notebook.cells if cell.cell_type == "code" and "seeds = " in cell.source)
+    switch = next(cell for cell in notebook.cells if cell.get("id") == "real-ablation-switch")
+    namespace = {"PROFILES": PROFILES, "profile": profile}
+    exec(switch.source, namespace)  # off: the ablation a student runs
+    exec(cell.source, namespace)  # the notebook's own code: it defines and prints, it trains nothing
+    return namespace
+
+
+def test_the_ablation_of_notebook_06_follows_the_profile(capsys):
+    """``series --profile cpu-quick`` is the quick check of a laptop: 06's fifteen trainings were most of it."""
+    from reid_utils.train import PROFILES
+
+    def trained_epochs(plan: dict) -> int:
+        return len(plan["steps"]) * len(plan["seeds"]) * plan["setting"]["total_epoch"]
+
+    demo, quick = _ablation_plan("cpu-demo"), _ablation_plan("cpu-quick")
+    assert (len(demo["seeds"]), demo["setting"]["total_epoch"]) == (3, 2)  # the documented ablation, unchanged
+    assert trained_epochs(quick) * 3 <= trained_epochs(demo) and len(quick["seeds"]) >= 2  # still a spread
+    assert quick["setting"]["backbone"] == PROFILES["cpu-quick"]["backbone"]
+    assert "5 settings x 2 seeds" in capsys.readouterr().out
