@@ -566,29 +566,30 @@ def _ranks_in_pass(
     keys: np.ndarray,
     rows: np.ndarray,
     cols: np.ndarray,
-    match_keys: tuple[np.ndarray, np.ndarray],
     junk: tuple[np.ndarray, np.ndarray],
     tolerance: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Ranks of the true matches ``(rows, cols)`` among the non-junk items of their rows, but for near-ties.
 
-    ``keys`` are float32 keys within ``tolerance[row]`` of the exact keys; the matches' exact keys are within
-    ``bound`` of ``near``, ``match_keys = (near, bound)``; ``junk`` lists the (row, column) pairs that do not count.
-    Two steps, and no sorting of the gallery:
+    ``keys`` are float32 keys within ``tolerance[row]`` of the exact keys, so an item more than twice that below
+    a match certainly comes first (its window: twice the tolerance around the match's float32 key); ``junk``
+    lists the (row, column) pairs that do not count. Two steps, and no sorting of the gallery:
 
     1. every key goes to a bin (``_RowBins``) and one histogram of the bins counts, for each match, the items
        certainly before it: those in bins below the bin of its window's low end;
     2. the few items in the bins its window touches are sorted (row, key, column packed into one int64) and
        found by binary search: those below the window are before the match too.
 
-    Returns those counts and the near-ties left to settle: ``(match, column)`` pairs, an item of the match's
-    window (other than the match) each -- see ``_near_tie_ranks``.
+    Returns those counts and the near-ties left to settle: ``(match, column, float32 key)``, an item of the
+    match's window (other than the match) each -- see ``_near_tie_ranks``. Most windows of trained features hold
+    the match alone: then nothing is left.
     """
     n, width = keys.shape
     if len(rows) == 0:  # only queries without a true match: nothing to rank
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        nothing = np.zeros(0, dtype=np.int64)
+        return nothing, nothing, nothing, np.zeros(0, dtype=np.float32)
     col_bits = max(1, (width - 1).bit_length())
-    low, high = _window(match_keys[0], tolerance[rows] + match_keys[1])
+    low, high = _window(keys[rows, cols].astype(np.float64), 2 * tolerance[rows])
 
     items = _Candidates.find(keys, rows, high)
     bins = items.bins
@@ -628,39 +629,48 @@ def _ranks_in_pass(
     item_cols = packed[np.arange(len(match)) - np.repeat(np.cumsum(sizes) - sizes - low_pos[crowded], sizes)]
     item_cols &= col_mask
     other = item_cols != cols[match]
-    return ranks, match[other], item_cols[other]
+    match, item_cols = match[other], item_cols[other]
+    return ranks, match, item_cols, keys[rows[match], item_cols]
 
 
 def _near_tie_ranks(
-    match: np.ndarray,
-    item_cols: np.ndarray,
+    near_ties: tuple[np.ndarray, np.ndarray, np.ndarray],
     rows: np.ndarray,
     cols: np.ndarray,
-    match_keys: tuple[np.ndarray, np.ndarray],
+    tolerance: np.ndarray,
     source: _KeySource,
 ) -> np.ndarray:
-    """How many of the near-ties ``(match, item column)`` come before their match, per match.
+    """How many of the near-ties ``(match, item column, item float32 key)`` come before their match, per match.
 
-    Items and matches have float64 keys from ``source.nearly`` (the matches' are ``match_keys``); only where an
-    item's and its match's are within their bounds of each other are the exact keys needed, and equal exact keys
-    go by gallery order.
+    The matches with near-ties get float64 keys from ``source.nearly``, within a bound of their exact ones: the
+    window around that is half as wide (an item's float32 error only), and the items outside it are placed by
+    their float32 keys. Those inside get float64 keys too; only where an item's and its match's are within their
+    bounds of each other are the exact keys needed, and equal exact keys go by gallery order.
     """
+    match, item_cols, item_keys = near_ties
+    crowded, match_of = np.unique(match, return_inverse=True)
+    match_near, match_bound = source.nearly(rows[crowded], cols[crowded])
+    low, high = _window(match_near, tolerance[rows[crowded]] + match_bound)
+    before = item_keys < low[match_of]
+    inside = np.flatnonzero(~before & (item_keys <= high[match_of]))
+    match, match_of, item_cols = match[inside], match_of[inside], item_cols[inside]
+
     item_rows = rows[match]
-    flat = item_rows * (int(item_cols.max(initial=0)) + 1) + item_cols
-    unique, which = np.unique(flat, return_inverse=True)
+    unique, which = np.unique(item_rows * (int(item_cols.max(initial=0)) + 1) + item_cols, return_inverse=True)
     first = np.zeros(len(unique), dtype=np.int64)
     first[which] = np.arange(len(which))
     near, bound = source.nearly(item_rows[first], item_cols[first])
-    gap = near[which] - match_keys[0][match]
-    slack = bound[which] + match_keys[1][match]
-    before = gap < -slack
+    gap = near[which] - match_near[match_of]
+    slack = bound[which] + match_bound[match_of]
+    decided = gap < -slack
     unsure = np.flatnonzero(np.abs(gap) <= slack)
     if len(unsure):
         item_exact = source.exact(item_rows[unsure], item_cols[unsure])
         match_exact = source.exact(rows[match[unsure]], cols[match[unsure]])
         ties_before = item_cols[unsure] < cols[match[unsure]]
-        before[unsure] = (item_exact < match_exact) | ((item_exact == match_exact) & ties_before)
-    return np.bincount(match[before], minlength=len(rows))
+        decided[unsure] = (item_exact < match_exact) | ((item_exact == match_exact) & ties_before)
+    before[inside] = decided
+    return np.bincount(near_ties[0][before], minlength=len(rows))
 
 
 class _GalleryIndex(NamedTuple):
@@ -726,7 +736,6 @@ def _block_results(
     junk_rows, junk_cols = rows[junk], cols[junk]
     rows, cols = rows[~junk], cols[~junk]
 
-    match_near, match_bound = source.nearly(rows, cols)
     ranks = np.empty(len(rows), dtype=np.int64)
     near_ties = []
     width = keys.shape[1]
@@ -735,18 +744,17 @@ def _block_results(
         last = min(first + step, len(keys))
         lo, hi = np.searchsorted(rows, [first, last])
         junk_lo, junk_hi = np.searchsorted(junk_rows, [first, last])
-        ranks[lo:hi], match, item_cols = _ranks_in_pass(
+        ranks[lo:hi], match, item_cols, item_keys = _ranks_in_pass(
             keys[first:last],
             rows[lo:hi] - first,
             cols[lo:hi],
-            (match_near[lo:hi], match_bound[lo:hi]),
             (junk_rows[junk_lo:junk_hi] - first, junk_cols[junk_lo:junk_hi]),
             tolerance[first:last],
         )
-        near_ties.append((lo + match, item_cols))
+        near_ties.append((lo + match, item_cols, item_keys))
     if near_ties:
-        match, item_cols = (np.concatenate(parts) for parts in zip(*near_ties, strict=True))
-        ranks += _near_tie_ranks(match, item_cols, rows, cols, (match_near, match_bound), source)
+        together = tuple(np.concatenate(parts) for parts in zip(*near_ties, strict=True))
+        ranks += _near_tie_ranks(together, rows, cols, tolerance, source)
 
     # Put each query's hits in rank order; i is the 1-based hit number, r the 0-based rank.
     order = np.lexsort((ranks, rows))
