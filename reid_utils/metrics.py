@@ -50,9 +50,9 @@ _MIN_CHUNK_ROWS = 256
 _PAIRS_PER_PASS = 1 << 19
 _BINS_PER_PASS = 1 << 21
 _MIN_BINS = 16
-# Below this share of a pass's items up to the last window of their row, only those are binned (see _Candidates):
-# a few gathers each, cheap when they are few (trained features: ~3 %), dearer than a whole block beyond ~1/4.
-_CANDIDATE_SHARE = 0.25
+# Below this share of a pass's items up to the last window of their row, those are sorted (~25 ns each; trained
+# features: ~3 %), else counted by a histogram of the whole block (~2.5 ns an item; hard features: ~50 %).
+_CANDIDATE_SHARE = 0.1
 # Sorting a few hundred keys at a time (whole rows) stays in cache: 3-7x faster per key than one long sort.
 _SORT_RUN = 1 << 9
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -500,56 +500,6 @@ class _RowBins(NamedTuple):
         return work.astype(np.int32)
 
 
-class _Candidates(NamedTuple):
-    """The items of a pass that may come before a match of their row (none above its last window can), binned.
-
-    When they are most of the items (hard features: true matches deep in the ranking) the whole block is binned at
-    once; else (trained features: matches near the top) only they are gathered and binned, over their own range.
-    """
-
-    keys: np.ndarray  # the pass's float32 keys, flat
-    width: int
-    limit: np.ndarray  # per row: the high end of its last window
-    bins: _RowBins
-    positions: np.ndarray | None  # flat positions of the candidates; None: every item
-    candidate_bins: np.ndarray  # their bins, in the order of ``positions``
-
-    @classmethod
-    def find(cls, keys: np.ndarray, rows: np.ndarray, high: np.ndarray) -> _Candidates:
-        n, width = keys.shape
-        limit = np.full(n, -np.inf, dtype=np.float32)
-        np.maximum.at(limit, rows, high)
-        below = keys <= limit[:, None]
-        count = int(np.count_nonzero(below))
-        if count >= _CANDIDATE_SHARE * below.size:
-            bins = _RowBins.fit(keys.min(axis=1), keys.max(axis=1), _bins_per_row(width))
-            item_bins = bins.of_rows(keys, np.empty_like(keys), np.empty(keys.shape, dtype=np.int32))
-            return cls(keys.reshape(-1), width, limit, bins, None, item_bins.reshape(-1))
-        positions = np.flatnonzero(below)
-        values, row_of = keys.reshape(-1)[positions], positions // width
-        firsts = np.flatnonzero(np.diff(row_of, prepend=-1))  # every row with a match has a candidate: itself
-        lowest, highest = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
-        lowest[row_of[firsts]] = np.minimum.reduceat(values, firsts)
-        highest[row_of[firsts]] = np.maximum.reduceat(values, firsts)
-        bins = _RowBins.fit(lowest, highest, _bins_per_row(count // n))  # bins for the candidates only
-        return cls(keys.reshape(-1), width, limit, bins, positions, bins.of(values, row_of))
-
-    def bins_at(self, flat: np.ndarray) -> np.ndarray:
-        """Bins of candidates given by their flat positions."""
-        if self.positions is None:
-            return self.candidate_bins[flat]
-        return self.bins.of(self.keys[flat], flat // self.width)
-
-    def counted(self, flat: np.ndarray) -> np.ndarray:
-        """Which of these flat positions are candidates (are counted in the histogram)."""
-        return self.keys[flat] <= self.limit[flat // self.width]
-
-    def in_bins(self, touched: np.ndarray) -> np.ndarray:
-        """Flat positions, in order, of the candidates in the bins marked in ``touched``."""
-        hits = np.flatnonzero(np.take(touched, self.candidate_bins, mode="clip"))
-        return hits if self.positions is None else self.positions[hits]
-
-
 def _window(keys: np.ndarray, tolerance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float32 bounds ``low <= key - tol`` and ``high >= key + tol`` around the matches' float64 keys.
 
@@ -576,45 +526,37 @@ def _ranks_in_pass(
     keys: np.ndarray,
     rows: np.ndarray,
     cols: np.ndarray,
-    match_keys: tuple[np.ndarray, np.ndarray],
     junk: tuple[np.ndarray, np.ndarray],
     tolerance: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Ranks of the true matches ``(rows, cols)`` among the non-junk items of their rows, but for near-ties.
 
-    ``keys`` are float32 keys within ``tolerance[row]`` of the exact keys; the matches' exact keys are within
-    ``bound`` of ``near``, ``match_keys = (near, bound)``; ``junk`` lists the (row, column) pairs that do not count.
-    Two steps, and no sorting of the gallery:
+    ``keys`` are float32 keys within ``tolerance[row]`` of the exact keys, so an item more than twice that below
+    a match certainly comes first (its window: twice the tolerance around the match's float32 key); ``junk``
+    lists the (row, column) pairs that do not count. Only items up to the last window of their row can come
+    before a match. When they are few (trained features: true matches near the top) they are sorted, row, key
+    and column packed into one int64, and binary search counts those below each window. When they are many
+    (hard features: matches deep in the ranking), ``_histogram_counts`` counts those in bins below each window
+    instead, and only the items of the bins a window touches are sorted. The gallery is never sorted.
 
-    1. every key goes to a bin (``_RowBins``) and one histogram of the bins counts, for each match, the items
-       certainly before it: those in bins below the bin of its window's low end;
-    2. the few items in the bins its window touches are sorted (row, key, column packed into one int64) and
-       found by binary search: those below the window are before the match too.
-
-    Returns those counts and the near-ties left to settle: ``(match, column)`` pairs, an item of the match's
-    window (other than the match) each -- see ``_near_tie_ranks``.
+    Returns those counts and the near-ties left to settle: ``(match, column, float32 key)``, an item of the
+    match's window (other than the match) each -- see ``_near_tie_ranks``. Most windows of trained features hold
+    the match alone: then nothing is left.
     """
     n, width = keys.shape
     if len(rows) == 0:  # only queries without a true match: nothing to rank
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        nothing = np.zeros(0, dtype=np.int64)
+        return nothing, nothing, nothing, np.zeros(0, dtype=np.float32)
     col_bits = max(1, (width - 1).bit_length())
-    low, high = _window(match_keys[0], tolerance[rows] + match_keys[1])
-
-    items = _Candidates.find(keys, rows, high)
-    bins = items.bins
-    total_bins = n * bins.per_row
-    low_bin, high_bin = bins.of(low, rows), bins.of(high, rows)
-
+    low, high = _window(keys[rows, cols].astype(np.float64), 2 * tolerance[rows])
+    limit = np.full(n, -np.inf, dtype=np.float32)
+    np.maximum.at(limit, rows, high)
+    below = keys <= limit[:, None]
     junk_flat = np.sort(junk[0] * width + junk[1])
-    counts = np.bincount(items.candidate_bins, minlength=total_bins)
-    counted_junk = junk_flat[items.counted(junk_flat)]
-    counts -= np.bincount(items.bins_at(counted_junk), minlength=total_bins)
-    before_bin = np.cumsum(counts) - counts  # items in all earlier bins, earlier rows included
-    ranks = before_bin[low_bin] - before_bin[rows * bins.per_row]  # the row's items in bins below low's
-
-    # the items of the bins the windows touch, sorted by row, key and column
-    edges = np.bincount(low_bin, minlength=total_bins + 1) - np.bincount(high_bin + 1, minlength=total_bins + 1)
-    selected = items.in_bins(np.cumsum(edges[:total_bins]) > 0)
+    if np.count_nonzero(below) < _CANDIDATE_SHARE * below.size:
+        ranks, selected, low_bin, bins = np.zeros(len(rows), dtype=np.int64), np.flatnonzero(below), None, None
+    else:
+        ranks, selected, low_bin, bins = _histogram_counts(keys, rows, low, high, junk_flat)
     selected = selected[~_flat_member(junk_flat, selected)]
     sel_rows = selected // width
     packed = _ordered_bits(keys.reshape(-1)[selected])
@@ -622,14 +564,15 @@ def _ranks_in_pass(
     packed <<= col_bits
     packed |= selected - sel_rows * width
     _sort_row_runs(packed, np.bincount(sel_rows, minlength=n))
-    sel_bins = np.sort(items.bins_at(selected))  # bins do not decrease with the key: the order of ``packed``
 
     col_mask = (1 << col_bits) - 1
     row_base = rows << (32 + col_bits)
     low_pos = np.searchsorted(packed, row_base | (_ordered_bits(low) << col_bits), side="left")
     high_pos = np.searchsorted(packed, row_base | (_ordered_bits(high) << col_bits) | col_mask, side="right")
-    # selected items below the window, less those already counted in the histogram (bins below low's)
-    ranks += low_pos - np.searchsorted(sel_bins, low_bin, side="left")
+    if bins is None:  # sorted items below the window, less those of earlier rows
+        ranks += low_pos - np.searchsorted(packed, row_base, side="left")
+    else:  # the same, less those the histogram counted (bins below low's; bins grow with the key, as packed)
+        ranks += low_pos - np.searchsorted(np.sort(bins.reshape(-1)[selected]), low_bin, side="left")
 
     window = high_pos - low_pos  # the window's items, the match itself included
     crowded = np.flatnonzero(window > 1)
@@ -638,39 +581,69 @@ def _ranks_in_pass(
     item_cols = packed[np.arange(len(match)) - np.repeat(np.cumsum(sizes) - sizes - low_pos[crowded], sizes)]
     item_cols &= col_mask
     other = item_cols != cols[match]
-    return ranks, match[other], item_cols[other]
+    match, item_cols = match[other], item_cols[other]
+    return ranks, match, item_cols, keys[rows[match], item_cols]
+
+
+def _histogram_counts(
+    keys: np.ndarray, rows: np.ndarray, low: np.ndarray, high: np.ndarray, junk_flat: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For each match, the non-junk items in bins below its window's low end (``_RowBins``: certainly below it),
+    and the flat positions of the items in the bins its window touches, which need a look one by one.
+
+    Also returns the bins of the windows' low ends and of every item, for the caller's bookkeeping.
+    """
+    n, width = keys.shape
+    bins = _RowBins.fit(keys.min(axis=1), keys.max(axis=1), _bins_per_row(width))
+    total = n * bins.per_row
+    item_bins = bins.of_rows(keys, np.empty_like(keys), np.empty(keys.shape, dtype=np.int32)).reshape(-1)
+    low_bin, high_bin = bins.of(low, rows), bins.of(high, rows)
+    counts = np.bincount(item_bins, minlength=total) - np.bincount(item_bins[junk_flat], minlength=total)
+    before_bin = np.cumsum(counts) - counts  # items in all earlier bins, earlier rows included
+    ranks = before_bin[low_bin] - before_bin[rows * bins.per_row]  # the row's items in bins below low's
+    edges = np.bincount(low_bin, minlength=total + 1) - np.bincount(high_bin + 1, minlength=total + 1)
+    touched = np.cumsum(edges[:total]) > 0
+    return ranks, np.flatnonzero(np.take(touched, item_bins, mode="clip")), low_bin, item_bins
 
 
 def _near_tie_ranks(
-    match: np.ndarray,
-    item_cols: np.ndarray,
+    near_ties: tuple[np.ndarray, np.ndarray, np.ndarray],
     rows: np.ndarray,
     cols: np.ndarray,
-    match_keys: tuple[np.ndarray, np.ndarray],
+    tolerance: np.ndarray,
     source: _KeySource,
 ) -> np.ndarray:
-    """How many of the near-ties ``(match, item column)`` come before their match, per match.
+    """How many of the near-ties ``(match, item column, item float32 key)`` come before their match, per match.
 
-    Items and matches have float64 keys from ``source.nearly`` (the matches' are ``match_keys``); only where an
-    item's and its match's are within their bounds of each other are the exact keys needed, and equal exact keys
-    go by gallery order.
+    The matches with near-ties get float64 keys from ``source.nearly``, within a bound of their exact ones: the
+    window around that is half as wide (an item's float32 error only), and the items outside it are placed by
+    their float32 keys. Those inside get float64 keys too; only where an item's and its match's are within their
+    bounds of each other are the exact keys needed, and equal exact keys go by gallery order.
     """
+    match, item_cols, item_keys = near_ties
+    crowded, match_of = np.unique(match, return_inverse=True)
+    match_near, match_bound = source.nearly(rows[crowded], cols[crowded])
+    low, high = _window(match_near, tolerance[rows[crowded]] + match_bound)
+    before = item_keys < low[match_of]
+    inside = np.flatnonzero(~before & (item_keys <= high[match_of]))
+    match, match_of, item_cols = match[inside], match_of[inside], item_cols[inside]
+
     item_rows = rows[match]
-    flat = item_rows * (int(item_cols.max(initial=0)) + 1) + item_cols
-    unique, which = np.unique(flat, return_inverse=True)
+    unique, which = np.unique(item_rows * (int(item_cols.max(initial=0)) + 1) + item_cols, return_inverse=True)
     first = np.zeros(len(unique), dtype=np.int64)
     first[which] = np.arange(len(which))
     near, bound = source.nearly(item_rows[first], item_cols[first])
-    gap = near[which] - match_keys[0][match]
-    slack = bound[which] + match_keys[1][match]
-    before = gap < -slack
+    gap = near[which] - match_near[match_of]
+    slack = bound[which] + match_bound[match_of]
+    decided = gap < -slack
     unsure = np.flatnonzero(np.abs(gap) <= slack)
     if len(unsure):
         item_exact = source.exact(item_rows[unsure], item_cols[unsure])
         match_exact = source.exact(rows[match[unsure]], cols[match[unsure]])
         ties_before = item_cols[unsure] < cols[match[unsure]]
-        before[unsure] = (item_exact < match_exact) | ((item_exact == match_exact) & ties_before)
-    return np.bincount(match[before], minlength=len(rows))
+        decided[unsure] = (item_exact < match_exact) | ((item_exact == match_exact) & ties_before)
+    before[inside] = decided
+    return np.bincount(near_ties[0][before], minlength=len(rows))
 
 
 class _GalleryIndex(NamedTuple):
@@ -736,7 +709,6 @@ def _block_results(
     junk_rows, junk_cols = rows[junk], cols[junk]
     rows, cols = rows[~junk], cols[~junk]
 
-    match_near, match_bound = source.nearly(rows, cols)
     ranks = np.empty(len(rows), dtype=np.int64)
     near_ties = []
     width = keys.shape[1]
@@ -745,18 +717,17 @@ def _block_results(
         last = min(first + step, len(keys))
         lo, hi = np.searchsorted(rows, [first, last])
         junk_lo, junk_hi = np.searchsorted(junk_rows, [first, last])
-        ranks[lo:hi], match, item_cols = _ranks_in_pass(
+        ranks[lo:hi], match, item_cols, item_keys = _ranks_in_pass(
             keys[first:last],
             rows[lo:hi] - first,
             cols[lo:hi],
-            (match_near[lo:hi], match_bound[lo:hi]),
             (junk_rows[junk_lo:junk_hi] - first, junk_cols[junk_lo:junk_hi]),
             tolerance[first:last],
         )
-        near_ties.append((lo + match, item_cols))
+        near_ties.append((lo + match, item_cols, item_keys))
     if near_ties:
-        match, item_cols = (np.concatenate(parts) for parts in zip(*near_ties, strict=True))
-        ranks += _near_tie_ranks(match, item_cols, rows, cols, (match_near, match_bound), source)
+        together = tuple(np.concatenate(parts) for parts in zip(*near_ties, strict=True))
+        ranks += _near_tie_ranks(together, rows, cols, tolerance, source)
 
     # Put each query's hits in rank order; i is the 1-based hit number, r the 0-based rank.
     order = np.lexsort((ranks, rows))

@@ -645,3 +645,13 @@ def test_near_ties_trust_blas_only_within_its_bound(monkeypatch):
         patch.setattr(metrics, "_blas_dot_pairs", off_by(0.5))
         patch.setattr(metrics._FeatureKeys, "nearly", unbounded)
         assert not np.array_equal(evaluate(*data).ap, reference.ap)
+
+
+@pytest.mark.parametrize("share", [0.0, 2.0], ids=["histogram", "sort"])
+def test_both_ways_of_counting_give_the_loops_ranks(share, monkeypatch):
+    """A pass counts the items before each match by a histogram (many candidates: hard features) or by sorting
+    the candidates (few: trained features); forced either way, on either kind of data, the ranks are the loop's."""
+    monkeypatch.setattr(metrics, "_CANDIDATE_SHARE", share)
+    for data in (market_like(8), hard_split(8), random_split(8, quantised=True), near_ties(3)):
+        for ap in ("market", "step"):
+            assert_identical(evaluate(*data, ap=ap, chunk_size=5), evaluate_naive(*data, ap=ap))
