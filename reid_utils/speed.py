@@ -57,9 +57,10 @@ def needs_float32(conv: nn.Conv2d, size: tuple[int, int]) -> bool:
 
     It is where the output is a single row or column, or where one of the kernel's rows or columns sees only
     padding at every output position (its true gradient is exactly zero). On an AVX-512 BF16 CPU (torch
-    2.14, oneDNN 3.12) every stride-2 3x3 convolution with a one-pixel-wide input gave NaN or values up to
-    1e32 for its weight gradient (ResNet's ``layer4`` at 32x16 images); on AMX CPUs the smoke run at 48x24,
-    where ``layer4``'s output is one pixel wide, ends in NaN, while 128x64 trains (``benchmarks/RESULTS.md``).
+    2.14, oneDNN 3.12) every stride-2 3x3 convolution with a one-pixel-wide input gave NaN, infinity or values
+    up to 1e26 for its weight gradient in most tries (ResNet's ``layer4`` at 32x16 images); on AMX CPUs the
+    smoke run at 48x24, where ``layer4``'s output is one pixel wide, ends in NaN, while 128x64 trains
+    (``benchmarks/RESULTS.md``).
     """
     for side, kernel, stride, padding, dilation in zip(size, conv.kernel_size, conv.stride, conv.padding,
                                                        conv.dilation, strict=True):  # fmt: skip
