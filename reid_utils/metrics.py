@@ -24,6 +24,7 @@ How close ``evaluate`` comes to the bare float32 product of the same features: b
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,14 +38,13 @@ APConvention = Literal["market", "step"]
 AP_CONVENTIONS = ("market", "step")
 JUNK_PID = -1  # partial boxes: junk for every query
 
-# chunk_size=None (the default): each float32 matrix product covers a sixth of the queries (so that ranking one
-# chunk overlaps the product of the next), but at least 256 queries (each product call packs the whole gallery
-# once: thinner ones waste time on that) and at most PAIRS_PER_CHUNK (query, gallery) pairs, 128 MB of scores:
-# 562 queries x 15,913 kept gallery columns for Market-1501, 408 x 82,161 for MSMT17. Two such buffers take turns.
+# chunk_size=None (the default): each float32 matrix product covers as many queries as PAIRS_PER_CHUNK (query,
+# gallery) pairs allow, 128 MB of scores (each product call packs the whole gallery once: thinner ones waste time on
+# that): 2,108 queries x 15,913 kept gallery columns for Market-1501, 408 x 82,161 for MSMT17. One buffer, reused.
 PAIRS_PER_CHUNK = 1 << 25
 DEFAULT_CHUNK_SIZE: int | None = None
-_MIN_CHUNKS = 6
-_MIN_CHUNK_ROWS = 256
+# Past a few threads numpy's work between its GIL releases would keep them waiting for each other.
+_MAX_RANKING_THREADS = 4
 # The ranking work after each product goes through the scores this many pairs at a time: its temporaries (9 bytes
 # a pair) stay in cache. At most _BINS_PER_PASS histogram bins a pass keeps bin numbers exact in float32.
 _PAIRS_PER_PASS = 1 << 19
@@ -697,11 +697,14 @@ def _block_results(
     gallery: _GalleryIndex,
     ap: str,
     source: _KeySource,
+    pool: ThreadPoolExecutor,
+    threads: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Evaluate one block of queries from its (block, G) float32 keys (``source`` counts rows from the block's).
 
-    Returns ``(evaluated, ap_values, first_hit)``: a bool per query, and for the evaluated queries their
-    AP and the 0-based rank of their first true match.
+    The passes over the keys, and then the near-ties, are shared out among ``pool``'s ``threads`` (numpy lets go
+    of the GIL in its heavy loops). Returns ``(evaluated, ap_values, first_hit)``: a bool per query, and for the
+    evaluated queries their AP and the 0-based rank of their first true match.
     """
     # Same-pid pairs are few (tens per query), so they are split into junk and true matches as lists.
     rows, cols = gallery.same_pid_pairs(query_pids)
@@ -709,25 +712,31 @@ def _block_results(
     junk_rows, junk_cols = rows[junk], cols[junk]
     rows, cols = rows[~junk], cols[~junk]
 
-    ranks = np.empty(len(rows), dtype=np.int64)
-    near_ties = []
     width = keys.shape[1]
     step = max(1, min(_PAIRS_PER_PASS // max(width, 1), _BINS_PER_PASS // _bins_per_row(width)))
-    for first in range(0, len(keys), step):
+    firsts = range(0, len(keys), step)
+
+    def one_pass(first: int) -> tuple[np.ndarray, ...]:
         last = min(first + step, len(keys))
         lo, hi = np.searchsorted(rows, [first, last])
         junk_lo, junk_hi = np.searchsorted(junk_rows, [first, last])
-        ranks[lo:hi], match, item_cols, item_keys = _ranks_in_pass(
+        ranks, match, item_cols, item_keys = _ranks_in_pass(
             keys[first:last],
             rows[lo:hi] - first,
             cols[lo:hi],
             (junk_rows[junk_lo:junk_hi] - first, junk_cols[junk_lo:junk_hi]),
             tolerance[first:last],
         )
-        near_ties.append((lo + match, item_cols, item_keys))
-    if near_ties:
-        together = tuple(np.concatenate(parts) for parts in zip(*near_ties, strict=True))
-        ranks += _near_tie_ranks(together, rows, cols, tolerance, source)
+        return ranks, lo + match, item_cols, item_keys
+
+    parts = list(pool.map(one_pass, firsts))
+    ranks = np.concatenate([part[0] for part in parts]) if parts else np.zeros(0, dtype=np.int64)
+    match, item_cols, item_keys = (np.concatenate([part[k] for part in parts]) for k in (1, 2, 3))
+    # the near-ties in a few parts of whole matches (they come in match order), one a thread
+    cuts = np.searchsorted(match, np.linspace(0, len(rows), threads + 1).astype(np.int64)[1:-1])
+    pieces = [(m, c, k) for m, c, k in zip(*(np.split(a, cuts) for a in (match, item_cols, item_keys)), strict=True)]
+    for extra in pool.map(lambda piece: _near_tie_ranks(piece, rows, cols, tolerance, source), pieces):
+        ranks += extra
 
     # Put each query's hits in rank order; i is the 1-based hit number, r the 0-based rank.
     order = np.lexsort((ranks, rows))
@@ -762,10 +771,10 @@ def _evaluate_blocks(
     """Shared driver of ``evaluate`` and ``evaluate_from_distance``: one float32 key block per chunk of queries.
 
     ``gallery_pids`` / ``gallery_cams`` label the kept columns; ``num_gallery`` is the full gallery size,
-    which caps the length of the CMC curve. While BLAS computes the keys of one chunk, a worker thread ranks
-    the previous one (numpy lets go of the GIL in its heavy loops): the ranking work then fills the moments
-    the product leaves a core idle, or when another process has taken one, instead of adding to the time.
-    Two key buffers take turns; the result does not depend on the chunking.
+    which caps the length of the CMC curve. BLAS computes the keys of a chunk on every core, then a few threads
+    rank it, one after the other: ranking beside the product instead would slow BLAS's threads unevenly (they
+    split the work in fixed shares), and the quick ones spin waiting for the slow. One key buffer, reused; the
+    result does not depend on the chunking.
     """
     length = min(int(max_rank), num_gallery)
     width = len(gallery_pids)
@@ -774,31 +783,16 @@ def _evaluate_blocks(
     rows_per_chunk = int(chunk_size) if chunk_size is not None else _default_chunk_rows(num_queries, width)
     # the packed sort keys (int64) hold the row in the bits left over by 32 key bits and the column
     rows_per_chunk = max(1, min(rows_per_chunk, num_queries, 1 << (31 - max(1, (width - 1).bit_length()))))
-    starts = list(range(0, num_queries, rows_per_chunk))
-    # reused: fresh pages cost more than the product
-    buffers = [np.empty((rows_per_chunk, width), dtype=np.float32) for _ in range(min(2, len(starts)))]
-
-    def rank_chunk(start: int, keys: np.ndarray, tolerance: np.ndarray):
-        stop = start + len(keys)
-        return _block_results(
-            keys,
-            tolerance,
-            query_pids[start:stop],
-            query_cams[start:stop],
-            gallery,
-            ap,
-            _FromRow(source, start),
-        )
-
-    results, pending = [], []
-    with ThreadPoolExecutor(max_workers=1) as worker:
-        for index, start in enumerate(starts):
-            if len(pending) == len(buffers):  # the buffer this chunk goes into must be ranked first
-                results.append(pending.pop(0).result())
-            keys = buffers[index % len(buffers)][: min(rows_per_chunk, num_queries - start)]
-            tolerance = source.block(start, start + len(keys), keys)
-            pending.append(worker.submit(rank_chunk, start, keys, tolerance))
-        results += [future.result() for future in pending]
+    buffer = np.empty((min(rows_per_chunk, num_queries), width), dtype=np.float32)  # reused: fresh pages are dear
+    threads = _ranking_threads()
+    results = []
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for start in range(0, num_queries, rows_per_chunk):
+            stop = min(start + rows_per_chunk, num_queries)
+            keys = buffer[: stop - start]
+            tolerance = source.block(start, stop, keys)
+            chunk = (query_pids[start:stop], query_cams[start:stop], gallery, ap, _FromRow(source, start))
+            results.append(_block_results(keys, tolerance, *chunk, pool, threads))
 
     cmc_counts = np.zeros(length, dtype=np.float64)
     for _, _, first_hit in results:
@@ -809,12 +803,18 @@ def _evaluate_blocks(
     return _make_evaluation(cmc_counts, ap_values, evaluated, ap)
 
 
+def _ranking_threads() -> int:
+    """Threads that rank a chunk: one a core this process may use, at most ``_MAX_RANKING_THREADS``."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, _MAX_RANKING_THREADS))
+
+
 def _default_chunk_rows(num_queries: int, width: int) -> int:
-    """Queries per chunk when none is asked for: at most ``PAIRS_PER_CHUNK`` pairs, and at least
-    ``_MIN_CHUNKS`` chunks so there is something to overlap, unless that would make products too thin to run
-    at full speed (fewer than ``_MIN_CHUNK_ROWS`` queries)."""
-    rows = -(-num_queries // _MIN_CHUNKS)
-    return max(1, min(max(rows, _MIN_CHUNK_ROWS), PAIRS_PER_CHUNK // max(width, 1)))
+    """Queries per chunk when none is asked for: all of them, up to ``PAIRS_PER_CHUNK`` pairs."""
+    return max(1, min(num_queries, PAIRS_PER_CHUNK // max(width, 1)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -850,9 +850,9 @@ def evaluate(
       and ``precision_before = (i - 1) / r`` (1 when ``r = 0``).
     * ``ap="step"`` (torchreid ``eval_market1501``, fast-reid): ``AP = 1/n_good * sum_i i / (r + 1)``.
 
-    The work is done ``chunk_size`` queries at a time (default: a sixth of them, at least 256 and at most
-    ``PAIRS_PER_CHUNK`` query-gallery pairs, 128 MB of float32 scores), which bounds memory: two chunks of
-    float32 scores plus a few MB. The result does not depend on it.
+    The work is done ``chunk_size`` queries at a time (default: as many as ``PAIRS_PER_CHUNK`` query-gallery
+    pairs allow, 128 MB of float32 scores), which bounds memory: one chunk of float32 scores plus some tens of
+    MB. The result does not depend on it.
     """
     _check_options(ap, max_rank, chunk_size)
     qf, qp, qc, gf, gp, gc = _prepare(

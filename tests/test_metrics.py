@@ -655,3 +655,12 @@ def test_both_ways_of_counting_give_the_loops_ranks(share, monkeypatch):
     for data in (market_like(8), hard_split(8), random_split(8, quantised=True), near_ties(3)):
         for ap in ("market", "step"):
             assert_identical(evaluate(*data, ap=ap, chunk_size=5), evaluate_naive(*data, ap=ap))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_any_number_of_ranking_threads_gives_the_loops_ranks(threads, monkeypatch):
+    """The passes and the near-ties of a chunk are shared out among threads; how many changes nothing."""
+    monkeypatch.setattr(metrics, "_ranking_threads", lambda: threads)
+    monkeypatch.setattr(metrics, "_PAIRS_PER_PASS", 2000)  # several passes a chunk
+    for data in (hard_split(9), market_like(9)):
+        assert_identical(evaluate(*data), evaluate_naive(*data))
