@@ -39,9 +39,10 @@ AP_CONVENTIONS = ("market", "step")
 JUNK_PID = -1  # partial boxes: junk for every query
 
 # chunk_size=None (the default): each float32 matrix product covers as many queries as PAIRS_PER_CHUNK (query,
-# gallery) pairs allow, 128 MB of scores (each product call packs the whole gallery once: thinner ones waste time on
-# that): 2,108 queries x 15,913 kept gallery columns for Market-1501, 408 x 82,161 for MSMT17. One buffer, reused.
-PAIRS_PER_CHUNK = 1 << 25
+# gallery) pairs allow, 256 MB of scores: all 3,368 queries x 15,913 kept gallery columns of Market-1501, 816 x
+# 82,161 for MSMT17. Fewer, larger products: each packs the whole gallery once, and after each OpenBLAS's threads
+# spin ~0.1 s (on a core the ranking threads want) before they sleep. One buffer, reused.
+PAIRS_PER_CHUNK = 1 << 26
 DEFAULT_CHUNK_SIZE: int | None = None
 # Past a few threads numpy's work between its GIL releases would keep them waiting for each other.
 _MAX_RANKING_THREADS = 4
@@ -851,8 +852,8 @@ def evaluate(
     * ``ap="step"`` (torchreid ``eval_market1501``, fast-reid): ``AP = 1/n_good * sum_i i / (r + 1)``.
 
     The work is done ``chunk_size`` queries at a time (default: as many as ``PAIRS_PER_CHUNK`` query-gallery
-    pairs allow, 128 MB of float32 scores), which bounds memory: one chunk of float32 scores plus some tens of
-    MB. The result does not depend on it.
+    pairs allow, 256 MB of float32 scores), which bounds memory: one chunk of float32 scores plus its near-ties
+    (~0.5 GB in all at MSMT17 size). The result does not depend on it.
     """
     _check_options(ap, max_rank, chunk_size)
     qf, qp, qc, gf, gp, gc = _prepare(
