@@ -26,10 +26,13 @@ Beside them, the extras:
 
 import os
 
-# Threads, on purpose: torch's default count (one per core) that wait for each other asleep, not spinning. Spinning
-# threads beside any other busy program (a browser, a call) made a 2-core machine train 5-7x slower; sleeping ones
-# keep most of the speed (benchmarks/RESULTS.md). No result changes. OpenMP reads this when torch loads, so it counts
-# where reid_utils comes first (the command lines; notebooks 03, 04 and 06 set it before torch); yours wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+# Threads, on purpose: torch's default count (one per core), and waiting threads that spin only a moment before they
+# sleep. OpenMP's default spin (300,000 rounds) cost 60-70 % of the training speed beside any other busy program (a
+# browser, a call) on 2 cores; sleeping at once (passive) kept ~65 % but cost 6-17 % when idle; 300 rounds of GNU
+# OpenMP (torch's on Linux) keep ~60 % for ~2 % (benchmarks/RESULTS.md). No result changes. OpenMP reads this when
+# torch loads: it counts where reid_utils comes first (the command lines; notebooks 03, 04, 06 set it before torch).
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:  # yours win
+    os.environ["GOMP_SPINCOUNT"] = "300"
+    os.environ["OMP_WAIT_POLICY"] = "passive"  # other OpenMP runtimes (macOS, Windows): sleep at once
 
 __version__ = "0.1.0"

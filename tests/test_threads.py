@@ -1,9 +1,9 @@
-"""How torch's OpenMP threads wait: asleep, wherever training starts (command lines and notebooks).
+"""How torch's OpenMP threads wait: a moment's spin, then asleep, wherever training starts (command lines, notebooks).
 
-Spinning threads beside another busy program made a 2-core machine train 5-7x slower (benchmarks/RESULTS.md).
+Threads that spin long beside another busy program made a 2-core machine train 3-7x slower (benchmarks/RESULTS.md).
 OpenMP reads the setting once, when torch loads; ``OMP_DISPLAY_ENV=VERBOSE`` makes GNU OpenMP (torch's on Linux)
 print what it read: ``GOMP_SPINCOUNT`` is how long a waiting thread spins before it sleeps (300000 by default,
-0 when waiting threads sleep at once).
+300 as reid_utils sets it, 0 when waiting threads sleep at once).
 """
 
 import json
@@ -26,20 +26,20 @@ def openmp_spin_count(code: list[str], **env: str) -> str:
     return re.search(r"GOMP_SPINCOUNT = '(\d+)'", done.stderr).group(1)
 
 
-def test_the_command_lines_make_waiting_threads_sleep():
-    assert openmp_spin_count(["-m", "reid_utils.train", "--help"]) == "0"
+def test_the_command_lines_make_waiting_threads_sleep_soon():
+    assert openmp_spin_count(["-m", "reid_utils.train", "--help"]) == "300"
 
 
-def test_a_users_own_wait_policy_wins():
+def test_a_users_own_wait_settings_win():
     assert openmp_spin_count(["-c", "import reid_utils, torch"], OMP_WAIT_POLICY="active") == "30000000000"
+    assert openmp_spin_count(["-c", "import reid_utils, torch"], GOMP_SPINCOUNT="5") == "5"
 
 
-def test_notebooks_set_the_wait_policy_before_torch_loads():
-    """In the notebooks that train or extract features, the first import that loads torch is either reid_utils
-    (which sets the policy) or comes after the notebook's own line: in a kernel, that import loads torch."""
-    setting = 'os.environ.setdefault("OMP_WAIT_POLICY", "passive")'
+def test_notebooks_import_reid_utils_before_torch():
+    """In the notebooks that train or extract features the first import that loads torch (in a kernel, that one
+    does) is one of reid_utils, so the package has set how torch's threads wait by then."""
     for name in ("03_training", "04_evaluation", "05_results_visualization", "06_going_further"):
         cells = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())["cells"]
         lines = [line for cell in cells if cell["cell_type"] == "code" for line in "".join(cell["source"]).splitlines()]
-        first = next(i for i, line in enumerate(lines) if TORCH_LOADERS.match(line))
-        assert "reid_utils" in lines[first] or setting in lines[:first], name
+        first = next(line for line in lines if TORCH_LOADERS.match(line))
+        assert re.match(r"\s*(import|from) reid_utils\b", first), (name, first)
