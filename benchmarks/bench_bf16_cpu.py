@@ -27,7 +27,8 @@ from reid_utils import speed
 from reid_utils.data import default_data_root, find_dataset
 from reid_utils.model import build_model
 from reid_utils.prepare import prepare_market
-from reid_utils.train import PROFILES, TrainError, TrainOptions, train
+from reid_utils.profiles import PROFILES
+from reid_utils.train import TrainError, TrainOptions, train
 
 
 def curves(prepared: Path, work: Path, size: tuple[int, int], epochs: int, bf16: bool) -> dict[str, list[float]]:

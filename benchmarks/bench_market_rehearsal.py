@@ -30,10 +30,10 @@ from reid_utils.data import default_data_root, find_dataset
 from reid_utils.fastdata import CachedData
 from reid_utils.metrics import evaluate
 from reid_utils.prepare import prepare_market
+from reid_utils.profiles import trained_run
 from reid_utils.rerank import rerank_features
 from reid_utils.synthetic import generate_market, read_summary
 from reid_utils.test import evaluation_loader, extract_features, load_trained_model
-from reid_utils.train import trained_run
 
 
 def _status(field: str) -> int:

@@ -68,10 +68,11 @@ from reid_utils.fastdata import CachedData, CachedLoader, TensorAugment
 from reid_utils.losses import ReIDLoss
 from reid_utils.model import ReIDNet
 from reid_utils.prepare import prepare_market
-from reid_utils.speed import Autocast, cpu_has_bf16, reuse_freed_memory
+from reid_utils.profiles import PROFILES
+from reid_utils.speed import cpu_has_bf16, float32_on_tiny_maps, reuse_freed_memory
 from reid_utils.synthetic import generate_market, read_summary
 from reid_utils.test import evaluation_loader, extract_features
-from reid_utils.train import PROFILES, build_optimizer, train_one_phase
+from reid_utils.train import build_optimizer, train_one_phase
 
 
 @dataclass(frozen=True)
@@ -262,18 +263,17 @@ def time_training(
     for path, (_, channels_last, fused, _) in specs.items():
         model = copy.deepcopy(initial).to(device)
         models[path] = model.to(memory_format=torch.channels_last) if channels_last else model
+        if specs[path][3] and device.type == "cpu":
+            float32_on_tiny_maps(models[path])  # as the trainer does for CPU bfloat16 (speed.needs_float32)
         optimizers[path] = (fused_optimizer if fused else plain_optimizer)(models[path], args.lr)
     criterion = ReIDLoss()  # plain cross-entropy: no label smoothing, no triplet term
 
     def run(path: str, batches: int) -> tuple[float, int, float]:
         loader = FirstBatches(specs[path][0], batches)
-        model, loss_fn = models[path], criterion
-        if specs[path][3]:  # bfloat16 autocast, wrapped around the loop as the trainer does (no loss scaling)
-            bf16 = torch.bfloat16
-            model, loss_fn = Autocast(model, device.type, bf16), Autocast(criterion, device.type, bf16)
+        dtype = torch.bfloat16 if specs[path][3] else None  # bfloat16 autocast in the loop (no loss scaling)
         synchronize(device)
         start = time.perf_counter()
-        result = train_one_phase(model, loader, "train", loss_fn, optimizers[path], device)
+        result = train_one_phase(models[path], loader, "train", criterion, optimizers[path], device, dtype)
         synchronize(device)
         return result.loss, result.seen, time.perf_counter() - start
 

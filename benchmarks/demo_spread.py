@@ -31,8 +31,9 @@ def one_run(seed: int, model_dir: Path) -> dict:
     from reid_utils.data import default_data_root, find_dataset
     from reid_utils.model import build_model
     from reid_utils.prepare import prepare_market
+    from reid_utils.profiles import PROFILES
     from reid_utils.test import evaluate_features, evaluation_loader, extract_features, load_trained_model
-    from reid_utils.train import PROFILES, TrainOptions, train
+    from reid_utils.train import TrainOptions, train
 
     location = find_dataset(quiet=True)
     prepared = prepare_market(location.path, default_data_root() / "prepared" / location.path.name, quiet=True).root

@@ -42,10 +42,11 @@ import torch
 from reid_utils.fastdata import CachedData
 from reid_utils.metrics import evaluate
 from reid_utils.prepare import prepare_market
+from reid_utils.profiles import PROFILES
 from reid_utils.runs import load_checkpoint
 from reid_utils.synthetic import generate_market, read_summary
 from reid_utils.test import evaluation_loader, extract_features, load_trained_model
-from reid_utils.train import PROFILES, TrainOptions, train
+from reid_utils.train import TrainOptions, train
 from reid_utils.train import main as train_command
 
 # 48x24: layer4's output is one pixel wide, where oneDNN's bfloat16 weight gradients went wrong (speed.needs_float32)

@@ -13,13 +13,15 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("data", "prepare", "model", "train", "runs", "test", "metrics", "rerank", "visualize", "losses", "samplers")
+STAGES = ("data", "prepare", "model", "train", "runs", "profiles", "test", "metrics", "rerank", "visualize", "losses",
+          "samplers")  # fmt: skip
 
 
 def shown() -> dict[str, int]:
     """Each package object a notebook prints with ``inspect.getsource``, and its length in lines."""
+    printed = re.compile(r"getsource\((?:reid_utils\.\w+\.)?(\w+)\)")  # train_one_phase, reid_utils.train.train_model
     names = sorted({name for path in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")
-                    for name in re.findall(r"getsource\((\w+)\)", path.read_text(encoding="utf-8"))})  # fmt: skip
+                    for name in printed.findall(path.read_text(encoding="utf-8"))})  # fmt: skip
     paths = sorted((ROOT / "reid_utils").glob("*.py"))
     modules = [importlib.import_module(f"reid_utils.{path.stem}") for path in paths]
     found = {}

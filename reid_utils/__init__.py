@@ -7,7 +7,8 @@ The stages, in the order the notebooks teach them:
 - ``prepare``    -- Market-1501 -> the ``train/ val/ train_all/ query/ gallery/`` layout (01)
 - ``model``      -- ResNet backbone, pooling, ``ClassBlock``; the device (02)
 - ``train``      -- the classic training loop, a whole run, the command line (03)
-- ``runs``       -- a run folder: ``opts.yaml``, checkpoints, the newest one (03, 04)
+- ``runs``       -- a run folder: ``opts.yaml``, the checkpoint format, resuming, the newest checkpoint (03, 04)
+- ``profiles``   -- the training profiles of notebooks 03-06 and the trained run they share (03-06)
 - ``test``       -- flip-averaged features of a trained run, the command line (04)
 - ``metrics``    -- CMC and mAP under the Market-1501 protocol (04)
 - ``rerank``     -- k-reciprocal re-ranking (05)
@@ -17,7 +18,7 @@ Beside them, the extras:
 
 - ``losses``, ``samplers``  -- the tricks: label smoothing, warm-up, triplet loss, P x K batches (06)
 - ``fastdata``    -- the fast data path: images decoded once, batches augmented as tensors (06)
-- ``speed``       -- mixed precision, the CPU's abilities, the allocator (06)
+- ``speed``       -- which precision, the CPU's abilities, the allocator (06)
 - ``distributed`` -- several processes with ``torchrun`` (06)
 - ``own_data``    -- your own crops in the Market-1501 format (06)
 - ``files``       -- writing files and folders so that nothing is left half-written or built twice at once

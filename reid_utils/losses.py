@@ -126,9 +126,9 @@ class ReIDLoss(nn.Module):
     The triplet term pulls the features of one person together and pushes others away directly,
     which is what retrieval needs; it only applies in training, where batches hold K images per person.
 
-    The loop calls ``criterion(outputs, labels)`` as the classic script does. The triplet term also
-    needs the pooled features of the same forward pass: ``watch(model)`` puts a hook on the model's
-    pooling layer that hands them over (in training mode only), so the loop does not change.
+    The loop calls ``criterion(outputs, labels)`` as the classic script does. A ``ReIDNet`` built for the
+    triplet loss returns ``(scores, features)`` in training (layumi's ``return_feature``): the triplet term
+    uses those pooled features. In validation the network returns scores only, and only the ID loss counts.
     """
 
     def __init__(self, label_smoothing: float = 0.0, triplet_weight: float = 0.0, margin: float = DEFAULT_MARGIN):
@@ -136,46 +136,33 @@ class ReIDLoss(nn.Module):
         self.cross_entropy = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.triplet_weight = triplet_weight
         self.margin = margin
-        self._features: Tensor | None = None
 
-    def watch(self, model: nn.Module) -> ReIDLoss:
-        """Let the triplet term see the pooled features of ``model`` (a ``ReIDNet``) in every training step."""
-        if self.triplet_weight > 0:
-            model.pool.register_forward_hook(self._keep_features)
-        return self
-
-    def _keep_features(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
-        self._features = output.flatten(1) if module.training else None  # validation: no triplet term
-
-    def forward(self, logits: Tensor, labels: Tensor, features: Tensor | None = None) -> Tensor:
-        """The loss of one batch; ``features`` default to those the watched model just pooled."""
-        if features is None:
-            features = self._features
-        self._features = None  # each forward pass hands over its features once
-        loss = self.cross_entropy(logits, labels)
+    def forward(self, outputs: Tensor | tuple[Tensor, Tensor], labels: Tensor, features: Tensor | None = None
+                ) -> Tensor:  # fmt: skip
+        """The loss of one batch: ``outputs`` are the scores, or ``(scores, features)``."""
+        if isinstance(outputs, tuple):
+            outputs, features = outputs
+        loss = self.cross_entropy(outputs, labels)
         if self.triplet_weight > 0 and features is not None:
             loss = loss + self.triplet_weight * batch_hard_triplet_loss(features, labels, margin=self.margin)
         return loss
 
 
-class WarmUp(nn.Module):
+class WarmUp:
     """Warm-up as the classic ``train.py`` does it: the training loss is scaled from 0.1 up to 1 over the
     first ``iterations`` training steps (``warm_epoch`` epochs).
 
     Scaling the loss scales every gradient, so the first steps are small -- like a growing learning rate --
-    while the new, random layers settle; big early steps would wreck pre-trained features. Only training
-    steps (gradients on) are scaled and counted; ``factor`` is saved in checkpoints to resume.
+    while the new, random layers settle; big early steps would wreck pre-trained features. The loop asks for
+    each training step's factor (``step``); ``factor`` is saved in checkpoints to resume.
     """
 
-    def __init__(self, criterion: nn.Module, iterations: int, factor: float = 0.1) -> None:
-        super().__init__()
-        self.criterion = criterion
+    def __init__(self, iterations: int, factor: float = 0.1) -> None:
         self.iterations = max(1, iterations)
         self.factor = factor
 
-    def forward(self, *args, **kwargs) -> Tensor:
-        loss = self.criterion(*args, **kwargs)
-        if torch.is_grad_enabled() and self.factor < 1.0:  # the validation phase runs without gradients
+    def step(self) -> float:
+        """The next training step's factor: the classic ``warm_up = min(1.0, warm_up + 0.9 / warm_iteration)``."""
+        if self.factor < 1.0:
             self.factor = min(1.0, self.factor + 0.9 / self.iterations)
-            loss = loss * self.factor
-        return loss
+        return self.factor

@@ -129,6 +129,7 @@ class ReIDNet(nn.Module):
     ``stride=1`` removes the last down-sampling in ``layer4`` (the "last stride" trick):
     a feature map twice as tall and wide, more detail, a little more compute.
     ``bnneck=True`` replaces the ``ClassBlock`` with the ``BNNeck`` head.
+    ``return_features=True``: in training, ``forward`` also returns the pooled features (the triplet loss's).
     """
 
     def __init__(
@@ -141,6 +142,7 @@ class ReIDNet(nn.Module):
         pretrained: bool = True,
         quiet: bool = False,
         bnneck: bool = False,
+        return_features: bool = False,
     ) -> None:
         super().__init__()
         if backbone not in BACKBONES:
@@ -165,6 +167,7 @@ class ReIDNet(nn.Module):
         else:
             self.head = ClassBlock(resnet.fc.in_features, num_classes, droprate, linear_num)
         self.pretrained = state is not None
+        self.return_features = return_features
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features, ``batch x 2048`` for ResNet-50 (512 for ResNet-18/34)."""
@@ -174,9 +177,14 @@ class ReIDNet(nn.Module):
         """The test-time description of each image: ``batch x linear_num`` (call in eval mode)."""
         return self.head.embedding(self.features(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Training output: one score per training identity, ``batch x num_classes``."""
-        return self.head(self.features(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Training output: one score per training identity, ``batch x num_classes``; with ``return_features``,
+        in training, ``(scores, pooled features)``, as layumi's ``return_feature`` does for the triplet loss."""
+        features = self.features(x)
+        scores = self.head(features)
+        if self.return_features and self.training:
+            return scores, features
+        return scores
 
 
 def build_model(opts, pretrained: bool = False, quiet: bool = True) -> ReIDNet:
@@ -184,6 +192,7 @@ def build_model(opts, pretrained: bool = False, quiet: bool = True) -> ReIDNet:
     return ReIDNet(
         opts.num_classes, opts.backbone, opts.droprate, opts.stride, opts.linear_num,
         pretrained=pretrained, quiet=quiet, bnneck=opts.bnneck,
+        return_features=getattr(opts, "triplet_weight", 0) > 0,  # the triplet loss needs them
     )  # fmt: skip
 
 

@@ -25,12 +25,16 @@ import shutil
 import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import yaml
+from torch import nn
 
+from reid_utils import distributed
+from reid_utils.data import display_path
 from reid_utils.files import atomic_write, lock_file
-from reid_utils.model import BACKBONES
+from reid_utils.model import BACKBONES, unwrap
 
 OPTIONS_FILE = "opts.yaml"
 LAST_CHECKPOINT = "net_last.pth"
@@ -320,6 +324,156 @@ def check_checkpoint_matches(checkpoint: dict, opts: TrainOptions, path: Path) -
                 f"{path} was trained with {key} = {own[key]}, but {OPTIONS_FILE} beside it says {getattr(opts, key)}: "
                 f"the folder mixes two runs. Restore the run's own {OPTIONS_FILE} or train it again."
             )
+
+
+# --------------------------------------------------------------------------- the checkpoint format
+
+
+def training_checkpoint(epoch: int, model: nn.Module, optimizer, scheduler, scaler, warm_up, history: dict,
+                        rng: dict, opts: TrainOptions) -> dict:  # fmt: skip
+    """A checkpoint of a training run: the one format, written here and read back in ``restore_training``.
+
+    All that a resumed run needs to continue exactly as if it had never stopped: the weights, SGD's momentum,
+    the schedule, how far the warm-up got, float16's loss scale (``{}`` without loss scaling), every process's
+    random state (``random_state``) and the history so far. Evaluation reads only ``model`` and ``options``.
+    """
+    return {
+        "epoch": epoch, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "history": history, "rng": rng,
+        "state": {"warm_up": warm_up.factor if warm_up is not None else 1.0},
+        "scaler": scaler.state_dict(), "options": asdict(opts),
+    }  # fmt: skip
+
+
+def restore_training(checkpoint: dict, model: nn.Module, optimizer, scheduler, scaler, warm_up) -> tuple[dict, int]:
+    """Put a checkpoint's training state back into a freshly built run; returns its history and its epoch."""
+    unwrap(model).load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    if warm_up is not None:
+        warm_up.factor = checkpoint["state"]["warm_up"]
+    if checkpoint.get("scaler"):  # empty when the saving run did not scale its loss
+        scaler.load_state_dict(checkpoint["scaler"])  # the float16 loss scale reached so far
+    return checkpoint["history"], checkpoint["epoch"]
+
+
+def random_state(device: torch.device) -> dict:
+    """The random state to save: dropout's generator (and the GPU's), and under torchrun every process's.
+
+    The data's random numbers need none: shuffling and augmentation follow from (seed, epoch, image).
+    """
+    rng = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    if distributed.is_distributed():  # every process's, so a resumed run draws what it would have
+        rng = {**rng, "processes": distributed.gather_from_processes(rng)}
+    return rng
+
+
+def restore_random_state(rng: dict, device: torch.device, rank: int, world_size: int, path: Path) -> str:
+    """Put this process's saved random state back; a notice when the run was saved by another process count."""
+    per_process = rng.get("processes", [rng])
+    notice = ""
+    if len(per_process) != world_size:
+        notice = (f"Note: {path.name} was saved by {len(per_process)} process(es), this run has {world_size}: it "
+                  "continues correctly, but not with the same random numbers as an uninterrupted run.")  # fmt: skip
+    own = per_process[rank] if len(per_process) == world_size else per_process[0]
+    torch.set_rng_state(own["torch"])
+    if "cuda" in own and device.type == "cuda":
+        torch.cuda.set_rng_state(own["cuda"], device)  # dropout on the GPU draws from here
+    return notice
+
+
+# --------------------------------------------------------------------------- where a training starts
+
+
+class StartingPoint(NamedTuple):
+    """Where a training in a run folder starts: the options it goes on with, and the checkpoint it resumes."""
+
+    opts: TrainOptions
+    checkpoint: dict | None = None  # None: a new run
+    path: Path | None = None  # the checkpoint resumed from
+    replacing: bool = False  # an earlier run is in the folder: it stays until this one's first checkpoint
+
+
+def starting_point(folder: Path, opts: TrainOptions, resume: bool | str, overwrite: bool, given: set[str] | None,
+                   quiet: bool) -> StartingPoint:  # fmt: skip
+    """The resume checks: a new run, a replaced one, or the newest readable checkpoint with the run's own options.
+
+    ``resume="auto"`` continues a run of these same options that stopped early (``auto_resume``), and else
+    replaces it. Without ``resume`` or ``overwrite`` an existing run is an error, so two runs never mix.
+    """
+    found = checkpoints_newest_first(folder)
+    if resume == "auto":
+        resume, notice = auto_resume(folder, found, opts)
+        overwrite = overwrite or not resume
+        if notice and not quiet:
+            print(notice)
+    if not resume:
+        if found and not overwrite:
+            raise TrainError(f"{folder} already holds a run. Pass --resume to continue it, or choose another --name.")
+        return StartingPoint(opts, replacing=bool(found))  # the earlier run's files go with this one's first save
+    if not found:
+        raise TrainError(f"--resume: no checkpoint in {folder}. Start the run without --resume.")
+    opts, notice = resume_options(load_options(folder), opts, given)
+    opts.check()
+    if notice and not quiet:
+        print(notice)
+    checkpoint, path = newest_readable_checkpoint(found, quiet)
+    check_checkpoint_matches(checkpoint, opts, path)
+    if opts.total_epoch < checkpoint["epoch"]:
+        raise TrainError(
+            f"--total_epoch {opts.total_epoch} is less than the {checkpoint['epoch']} epochs {opts.name} has "
+            f"done: give a larger --total_epoch to go on, or leave it out."
+        )
+    return StartingPoint(opts, checkpoint, path)
+
+
+def auto_resume(folder: Path, found: list, opts: TrainOptions) -> tuple[bool, str]:
+    """For ``resume="auto"``: whether to continue the run in ``folder``, and a notice saying why not.
+
+    Continued: a run of these same options (the machine's settings and the epoch count aside) that has not
+    finished. Started afresh: a finished run (training again is what a cell run again asks for), or one with
+    other options (the new options are what the user wants now).
+    """
+    readable = [(path, epoch) for path, epoch in found if epoch is not None]
+    if not readable:
+        return False, ""
+    newest, epoch = readable[0]
+    if epoch >= opts.total_epoch and newest.name == LAST_CHECKPOINT:
+        return False, ""
+    try:
+        saved = load_options(folder)
+    except TrainError as err:
+        return False, f"Note: {err} Training {opts.name} afresh."
+    changed = [
+        f"{key} {getattr(saved, key)} -> {getattr(opts, key)}"
+        for key in (f.name for f in fields(TrainOptions))
+        if key not in (*WHERE, *THIS_MACHINE, "num_classes") and getattr(saved, key) != getattr(opts, key)
+    ]
+    if changed:
+        return False, (
+            f"Note: {display_path(folder)} holds a run stopped after epoch {epoch} with other options "
+            f"({', '.join(changed[:4])}): training afresh; that run stays until this one's first checkpoint."
+        )
+    return True, ""
+
+
+def newest_readable_checkpoint(found: list[tuple[Path, int | None]], quiet: bool = False) -> tuple[dict, Path]:
+    """The newest checkpoint that loads; each damaged newer one is named in a notice and passed over."""
+    damaged = [f"{path} cannot be read (empty or cut short)." for path, epoch in found if epoch is None]
+    for path, epoch in found:
+        if epoch is None:  # its epoch is unknown: it may have been the newest, so it was named above
+            continue
+        try:
+            checkpoint = load_checkpoint(path)
+        except DamagedCheckpointError as err:
+            damaged.append(str(err))
+            continue
+        if damaged and not quiet:
+            print(f"Note: {' '.join(damaged)} Resuming from {path.name}, the newest checkpoint that can be read.")
+        return checkpoint, path
+    raise TrainError(f"no checkpoint of this run can be read: {' '.join(damaged)} Start the run again.")
 
 
 # --------------------------------------------------------------------------- one writer at a time

@@ -231,7 +231,7 @@ def environment_problem() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     from reid_utils.data import repo_root  # here, not above: the tests' setup imports this module
-    from reid_utils.train import PROFILES
+    from reid_utils.profiles import PROFILES
 
     parser = argparse.ArgumentParser(prog="python -m reid_utils.series", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="build", help="where executed notebooks go (default build/)")

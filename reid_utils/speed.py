@@ -1,15 +1,16 @@
-"""Speed-only machinery, kept out of the tutorial loop: precision, the CPU's abilities, the allocator.
+"""Speed-only machinery, kept out of the tutorial loop: which precision, the CPU's abilities, the allocator.
 
-Nothing here changes *what* is trained, only how fast: the training loop in ``reid_utils.train`` reads
-like the classic script, and these pieces wrap the model, the criterion and the optimiser around it.
+Nothing here changes *what* is trained, only how fast. The loop itself (``reid_utils.train.train_one_phase``)
+writes mixed precision as layumi's and nanoGPT's loops do: an autocast context around the forward pass and
+the loss, and a ``torch.amp.GradScaler`` that is switched on for float16 only. Here is what decides it:
 
 * Mixed precision. ``torch.autocast`` runs matrix products and convolutions in a 16-bit type and keeps
   sums and the loss in float32. bfloat16 keeps float32's range and needs nothing else; float16 does not,
   so small gradients underflow to zero unless the loss is multiplied by a large factor before the
-  backward pass and the gradients divided by it before the step ("loss scaling",
-  ``torch.amp.GradScaler``). ``Autocast``, ``ScaledLoss`` and ``ScaledOptimizer`` add exactly that
-  around an unchanged loop.
-* The CPU: whether it computes bfloat16 natively (then bf16 autocast pays for large models).
+  backward pass and the gradients divided by it before the step ("loss scaling", the ``GradScaler``).
+  ``choose_precision`` picks the type for the device and the request.
+* The CPU: whether it computes bfloat16 natively (then bf16 autocast pays for large models), and whether
+  its bfloat16 kernels compute what float32 does (``bf16_step_error``, ``float32_on_tiny_maps``).
 * The allocator: keep freed memory in the process between training steps (``reuse_freed_memory``).
 """
 
@@ -73,7 +74,19 @@ def needs_float32(conv: nn.Conv2d, size: tuple[int, int]) -> bool:
     return False
 
 
-def _float32_on_tiny_maps(conv: nn.Conv2d, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+def float32_on_tiny_maps(model: nn.Module) -> nn.Module:
+    """Make every convolution of ``model`` that ``needs_float32`` run in float32 under CPU bfloat16 autocast.
+
+    A forward hook on each convolution (``_conv_in_float32``); elsewhere, and without CPU autocast, nothing
+    changes. Training calls it when it trains in bfloat16 on a CPU; returns ``model``.
+    """
+    for conv in model.modules():
+        if isinstance(conv, nn.Conv2d):
+            conv.register_forward_hook(_conv_in_float32)
+    return model
+
+
+def _conv_in_float32(conv: nn.Conv2d, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
     """Forward hook: under CPU autocast, compute a convolution that ``needs_float32`` in float32 instead.
 
     Its bfloat16 result is dropped, so the backward pass never runs oneDNN's bfloat16 weight gradient for
@@ -146,90 +159,32 @@ def bf16_step_error(model: nn.Module, image_size: tuple[int, int], batch: int = 
     noisy that rounding alone moved a gradient 4x. A kernel that reads memory it did not write (the one
     ``needs_float32`` avoids) can be right in this step and wrong later: the check is a guard, not a proof.
     """
-    probe = copy.deepcopy(model).train()
+    probe = float32_on_tiny_maps(copy.deepcopy(model).train())
     images = torch.randn(batch, 3, *image_size, generator=torch.Generator().manual_seed(0))
     if any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
            for p in probe.parameters()):  # fmt: skip
         images = images.contiguous(memory_format=torch.channels_last)
     with torch.random.fork_rng(devices=[]):  # the same dropout both times; the run's generator untouched
         exact = [g.norm().item() for g in _gradients(probe, images)]
-        rounded = [g.norm().item() for g in _gradients(Autocast(probe, "cpu", torch.bfloat16), images)]
+        rounded = [g.norm().item() for g in _gradients(probe, images, torch.bfloat16)]
     floor = 1e-3 * max(exact)
     factors = [(b + floor) / (a + floor) for a, b in zip(exact, rounded, strict=True)]
     worst = max(max(f, 1 / f) if f > 0 else math.inf for f in factors)
     return worst if math.isfinite(worst) else math.inf
 
 
-def _gradients(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
-    """Every parameter's gradient of the cross-entropy of one batch, labels 0, 1, 2, ... (dropout seeded)."""
+def _gradients(model: nn.Module, images: torch.Tensor, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Every parameter's gradient of the cross-entropy of one batch, labels 0, 1, 2, ... (dropout seeded), with
+    the forward pass autocast to ``dtype`` (``None``: float32)."""
     torch.manual_seed(0)
     model.zero_grad(set_to_none=True)
-    logits = model(images).float()
+    with torch.autocast("cpu", dtype, enabled=dtype is not None):
+        outputs = model(images)
+    logits = (outputs[0] if isinstance(outputs, tuple) else outputs).float()  # a triplet run's: (scores, features)
     labels = torch.arange(len(images)) % logits.shape[1]
     F.cross_entropy(logits, labels).backward()
     parameters = [p for p in model.parameters() if p.requires_grad]
     return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in parameters]
-
-
-class Autocast(nn.Module):
-    """Run a module's forward pass under ``torch.autocast`` (wrap the model, and the criterion).
-
-    The loop then calls ``model(inputs)`` as usual. Only the forward pass is autocast: the backward pass
-    runs each operation in the type its forward pass used, as PyTorch recommends. bfloat16 on the CPU:
-    convolutions on maps of a pixel or two run in float32 (a hook on each convolution; ``needs_float32``
-    says why).
-    """
-
-    def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.module = module
-        self.device_type = device_type
-        self.dtype = dtype
-        if device_type == "cpu" and dtype == torch.bfloat16:
-            for conv in module.modules():
-                if isinstance(conv, nn.Conv2d):
-                    conv.register_forward_hook(_float32_on_tiny_maps)
-
-    def forward(self, *args, **kwargs):
-        with torch.autocast(self.device_type, self.dtype):
-            return self.module(*args, **kwargs)
-
-
-class ScaledLoss(nn.Module):
-    """float16 loss scaling, first half: the loss's gradient is multiplied by the scaler's factor.
-
-    A hook on the loss does what ``scaler.scale(loss).backward()`` does, so the loop still calls
-    ``loss.backward()`` and still adds up the true (unscaled) ``loss.item()``.
-    """
-
-    def __init__(self, criterion: nn.Module, scaler: torch.amp.GradScaler) -> None:
-        super().__init__()
-        self.criterion = criterion
-        self.scaler = scaler
-
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        loss = self.criterion(*args, **kwargs)
-        if loss.requires_grad:
-            loss.register_hook(self.scaler.scale)
-        return loss
-
-
-class ScaledOptimizer:
-    """float16 loss scaling, second half: unscale the gradients, skip a step with inf/NaN, adapt the factor.
-
-    ``optimizer.step()`` in the loop becomes ``scaler.step(optimizer); scaler.update()``.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
-        self.optimizer = optimizer
-        self.scaler = scaler
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def step(self) -> None:
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
 
 
 def reuse_freed_memory() -> bool:

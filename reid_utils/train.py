@@ -3,13 +3,15 @@
 ``python -m reid_utils.train --gpu_ids 0 --name ft_ResNet50 --train_all --batchsize 32 --data_dir <prepared>``
 
 ``train_one_phase`` is the inner loop of the classic ``train.py``: one pass over the training or the
-validation images. ``train`` runs it for every epoch (``train`` phase, then ``val``) with SGD and the
-step schedule, redraws the loss/error curves after every epoch, and every ``save_every`` epochs (and at the
-end) saves a checkpoint into the run folder (``reid_utils.runs``).
+validation images. ``train_model`` is its epoch loop (``train`` phase, then ``val``, the step schedule,
+a checkpoint every ``save_every`` epochs and at the end, the curves redrawn after every epoch), in the
+classic order. ``train`` builds the run's parts (``build_run``), resumes a checkpoint (its format and
+the resume checks are ``reid_utils.runs``'s) and runs the loop.
 
-What only makes training faster or spreads it over several GPUs -- mixed precision (``speed``), the
-fast data path (``fastdata``), DistributedDataParallel (``distributed``) -- and the warm-up of
-``losses`` are wrapped around the loop, never written into it.
+Mixed precision is written as layumi and nanoGPT write it: an autocast context and a ``GradScaler`` that
+is switched on for float16 only (``speed`` decides which). The warm-up is one visible line. The fast
+data path (``fastdata``) and several GPUs (``distributed``) change how batches arrive and gradients are
+added up, not the loop.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,73 +33,32 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from reid_utils import distributed
-from reid_utils.data import (
-    ClassicData,
-    CorruptImageError,
-    build_dataloaders,
-    display_path,
-    error_line,
-    find_dataset,
-)
+from reid_utils.data import ClassicData, CorruptImageError, build_dataloaders, display_path, error_line
 from reid_utils.fastdata import CachedData
 from reid_utils.files import DISK_FULL, free_space, remove_stale_temporaries, size_text, write_problem
 from reid_utils.losses import ReIDLoss, WarmUp
 from reid_utils.model import BACKBONES, build_model, check_weights_fit, parameter_groups, select_device, unwrap
 from reid_utils.runs import (
     LAST_CHECKPOINT,
-    THIS_MACHINE,
-    WHERE,
-    DamagedCheckpointError,
     RunLock,
     TrainError,
     TrainOptions,
-    check_checkpoint_matches,
-    checkpoint_epoch,
     checkpoint_name,
     checkpoints_newest_first,
     foreign_files,
-    latest_checkpoint,
-    load_checkpoint,
-    load_options,
+    random_state,
     remove_run_files,
     remove_unused_run,
-    resume_options,
+    restore_random_state,
+    restore_training,
     run_dir,
     save_checkpoint,
     save_options,
+    starting_point,
+    training_checkpoint,
 )
-from reid_utils.speed import Autocast, ScaledLoss, ScaledOptimizer, choose_precision, reuse_freed_memory
+from reid_utils.speed import choose_precision, float32_on_tiny_maps, reuse_freed_memory
 from reid_utils.visualize import TrainingCurves
-
-# How the notebooks from 03 on train: a CPU demo on the embedded set (the default without a GPU), a two-minute
-# check that a laptop runs the whole series (numbers that mean little), and the real baseline.
-# The demo's lr is 0.02: the classic 0.05 suits an ImageNet-pretrained backbone; from random weights it makes the
-# val loss jump to ~80 in epoch 2 (BatchNorm's running statistics lag behind the fast-moving weights).
-PROFILES = {
-    "cpu-demo": {
-        "name": "cpu_demo", "backbone": "resnet18", "height": 64, "width": 32, "batchsize": 32, "total_epoch": 12,
-        "lr": 0.02, "train_all": False, "gpu_ids": "", "save_every": 10,
-    },
-    "cpu-quick": {
-        "name": "cpu_quick", "backbone": "resnet18", "height": 32, "width": 16, "batchsize": 32, "total_epoch": 4,
-        "lr": 0.02, "train_all": False, "gpu_ids": "", "save_every": 2,
-    },
-    "market-gpu": {
-        "name": "ft_ResNet50", "backbone": "resnet50", "height": 256, "width": 128, "batchsize": 32, "total_epoch": 60,
-        "lr": 0.05, "train_all": True, "gpu_ids": "0", "save_every": 10,
-        "fast_data": True, "channels_last": True, "bf16": True,  # the GPU fast path (benchmarks/RESULTS.md)
-    },
-}  # fmt: skip
-
-
-def pick_profile(profile: str | None = None) -> str:
-    """The profile asked for, else ``market-gpu`` when a GPU and Market-1501 are both here, else ``cpu-demo``."""
-    if profile is not None:
-        if profile not in PROFILES:
-            raise TrainError(f"unknown profile '{profile}': choose one of {', '.join(PROFILES)}.")
-        return profile
-    real_data = not find_dataset(quiet=True).synthetic
-    return "market-gpu" if torch.cuda.is_available() and real_data else "cpu-demo"
 
 
 def seed_everything(seed: int) -> None:
@@ -151,9 +112,15 @@ class PhaseResult(NamedTuple):
         return self.running_corrects / self.seen
 
 
-def train_one_phase(model, loader, phase, criterion, optimizer, device) -> PhaseResult:
-    """One pass over ``loader``: ``"train"`` updates the model, ``"val"`` only measures it."""
+def train_one_phase(model, loader, phase, criterion, optimizer, device, dtype=None, scaler=None, warm_up=None):
+    """One pass over ``loader``: ``"train"`` updates the model, ``"val"`` only measures it; a ``PhaseResult``.
+
+    Optional, as in layumi's and nanoGPT's loops: ``dtype``, mixed precision (``torch.bfloat16`` or
+    ``torch.float16``; ``None``: float32); ``scaler``, float16's loss scaling (a ``torch.amp.GradScaler``;
+    ``None``: none); ``warm_up``, the first epochs' growing loss factor (``losses.WarmUp``).
+    """
     model.train(phase == "train")  # dropout and BatchNorm behave differently when training
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)  # switched off: scale/step do nothing more
     running_loss, running_corrects, seen, skipped = 0.0, 0, 0, 0
     for inputs, labels in loader:
         now_batch_size = inputs.size(0)
@@ -165,13 +132,16 @@ def train_one_phase(model, loader, phase, criterion, optimizer, device) -> Phase
         inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if phase == "train":
             optimizer.zero_grad()
-        with torch.set_grad_enabled(phase == "train"):  # val: no graph is built
-            outputs = model(inputs)
-            preds = outputs.argmax(dim=1)
+        with torch.set_grad_enabled(phase == "train"), torch.autocast(device.type, dtype, enabled=dtype is not None):
+            outputs = model(inputs)  # a triplet run, in training: (scores, features)
+            preds = (outputs[0] if isinstance(outputs, tuple) else outputs).argmax(dim=1)
             loss = criterion(outputs, labels)
+            if phase == "train" and warm_up is not None:
+                loss = loss * warm_up.step()  # warm-up: the loss grows from 0.1x to 1x over the first epochs
         if phase == "train":
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()  # float16: the loss scaled up, so that small gradients do not vanish
+            scaler.step(optimizer)  # float16: the gradients scaled back first; a step with inf/NaN is skipped
+            scaler.update()
         running_loss += loss.item() * now_batch_size
         running_corrects += (preds == labels).sum().item()
         seen += now_batch_size
@@ -207,6 +177,102 @@ def images_to_come(loaders: dict, epochs: range) -> int:
     return total
 
 
+@dataclass
+class Run:
+    """Everything one training is made of, built by ``build_run``: what the classic script keeps in variables."""
+
+    opts: TrainOptions
+    device: torch.device
+    loaders: dict
+    sizes: dict
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    dtype: torch.dtype | None = None  # mixed precision (None: float32)
+    scaler: torch.amp.GradScaler | None = None  # float16's loss scaling (switched off otherwise)
+    warm_up: WarmUp | None = None
+
+
+def train_model(run: Run, folder: Path, progress: RunProgress, history: dict, start_epoch: int,
+                curves: TrainingCurves, quiet: bool) -> dict:  # fmt: skip
+    """The classic epoch loop, the one notebook 03's ``train_model`` writes; returns the history.
+
+    ::
+
+        for epoch in range(start_epoch, total_epoch):
+            set_epoch(epoch)                       # this epoch's shuffle and augmentation
+            for phase in ("train", "val"):
+                train_one_phase(...)               # -> history: loss and error of the phase
+            scheduler.step()                       # once per epoch, after its optimiser steps
+            save_network(...)                      # every save_every epochs, and after the last
+            draw_curve(...)                        # every epoch (a quiet run: with the checkpoints)
+
+    Under torchrun each process trains on its share, and the training phase's sums are added up; only the
+    first process draws and saves.
+    """
+    opts, main_process = run.opts, distributed.rank() == 0
+    bar = None
+    if not quiet:  # one bar for the whole run, counting images; it ends at 100 %
+        bar = tqdm(total=images_to_come(run.loaders, range(start_epoch, opts.total_epoch)), unit="img",
+                   desc=opts.name, leave=True)  # fmt: skip
+    try:
+        for epoch in range(start_epoch, opts.total_epoch):
+            progress.epoch = epoch + 1
+            started = time.perf_counter()
+            run.loaders["train"].sampler.set_epoch(epoch)  # this epoch's order and augmentation follow from it
+            for phase in ("train", "val"):
+                loader = run.loaders[phase] if bar is None else Counted(run.loaders[phase], bar)
+                result = train_one_phase(run.model, loader, phase, run.criterion, run.optimizer, run.device,
+                                         run.dtype, run.scaler, run.warm_up)  # fmt: skip
+                if phase == "train":  # every process saw its own share: add them up
+                    result = PhaseResult(*distributed.sum_over_processes(result))
+                check_phase(result, phase, run, folder, progress)
+                history[f"{phase}_loss"].append(result.loss)
+                history[f"{phase}_err"].append(1.0 - result.accuracy)
+                if phase == "train":
+                    history["skipped"].append(int(result.skipped))
+            run.scheduler.step()
+            history["seconds"].append(time.perf_counter() - started)
+            if bar is not None:
+                bar.set_postfix(epoch=epoch + 1, loss=f"{history['train_loss'][-1]:.3f}",
+                                val_err=f"{history['val_err'][-1]:.3f}")  # fmt: skip
+            done = epoch + 1
+            saved = done % opts.save_every == 0 or done == opts.total_epoch
+            if saved:
+                save_network(run, done, history, curves, folder, progress)
+            # Watched, the curves are redrawn after every epoch, as layumi's train.py does (its tutorial says every
+            # 10); a quiet run (an ablation, a test) draws train.jpg with each checkpoint only.
+            if main_process and (saved or not quiet):
+                _saving(folder, progress, curves.update, history)
+    finally:
+        if bar is not None:
+            bar.close()  # also on errors and Ctrl-C: the message then starts on its own line
+    return history
+
+
+def check_phase(result: PhaseResult, phase: str, run: Run, folder: Path, progress: RunProgress) -> None:
+    """Stop a run whose phase used no batch, or whose loss became NaN or infinite (before it is saved)."""
+    if result.seen == 0:
+        raise TrainError(
+            f"no {phase} batch was used: --batchsize {run.opts.batchsize} is larger than the {phase} set "
+            f"({run.sizes[phase]} images). Use a smaller --batchsize."
+        )
+    if not math.isfinite(result.loss):
+        raise diverged(folder, run.opts, progress.epoch, result.loss, progress.newest)
+
+
+def save_network(run: Run, done: int, history: dict, curves: TrainingCurves, folder: Path,
+                 progress: RunProgress) -> None:  # fmt: skip
+    """The checkpoint after epoch ``done`` (``runs.training_checkpoint``), written by the first process."""
+    rng = random_state(run.device)  # every process takes part under torchrun
+    if distributed.rank() == 0:
+        history["curve_updates"] = curves.updates + 1  # the redraw right after this save included
+        checkpoint = training_checkpoint(done, run.model, run.optimizer, run.scheduler, run.scaler, run.warm_up,
+                                         history, rng, run.opts)  # fmt: skip
+        _saving(folder, progress, save_epoch, checkpoint, folder, run.opts, progress)
+
+
 # --------------------------------------------------------------------------- a whole run
 
 
@@ -215,6 +281,60 @@ def data_backend(opts: TrainOptions, device: torch.device):
     if opts.fast_data:
         return CachedData(opts.channels_last, device, num_threads=opts.num_workers or None)
     return ClassicData(opts.num_workers)
+
+
+def build_run(opts: TrainOptions, rank: int, world_size: int, quiet: bool, resuming: bool) -> Run:
+    """The parts of a run, as the classic script builds them: device, data, network, loss, SGD, schedule.
+
+    Then the extras around them: several GPUs (DataParallel, or DDP under torchrun), ``torch.compile``,
+    mixed precision (``speed.choose_precision``) and the warm-up.
+    """
+    if world_size > 1:
+        device = torch.device(f"cuda:{distributed.local_rank()}" if torch.cuda.is_available() else "cpu")
+        gpu_ids: list[int] = []
+    else:
+        device, gpu_ids = select_device(opts.gpu_ids, quiet=quiet)
+    # Each process its own seed: different dropout masks and augmentations (DDP copies rank 0's initial weights).
+    seed_everything(opts.seed + rank)
+    if opts.fast_data and device.type == "cpu":
+        reuse_freed_memory()  # the CPU fast path: no fresh pages for every step's activations and gradients
+    loaders, sizes, class_names = build_dataloaders(
+        opts.data_dir, opts.batchsize, opts.train_all, opts.height, opts.width, opts.erasing_p, opts.color_jitter,
+        opts.seed, instances=opts.instances if opts.triplet_weight > 0 else 0, skip_corrupt=opts.skip_corrupt,
+        shard=(rank, world_size), backend=data_backend(opts, device),
+    )  # fmt: skip
+    if opts.num_classes not in (0, len(class_names)):
+        raise TrainError(
+            f"run {opts.name} was trained on {opts.num_classes} identities, {opts.data_dir} has "
+            f"{len(class_names)}. Resume with the same --data_dir, or start a new --name."
+        )
+    opts.num_classes = len(class_names)
+    check_batches_fit(loaders, opts)
+
+    model = build_model(opts, pretrained=opts.pretrained and not resuming, quiet=quiet).to(device)
+    criterion = ReIDLoss(opts.label_smoothing, opts.triplet_weight, opts.triplet_margin)
+    if opts.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    elif len(gpu_ids) > 1:
+        model = nn.DataParallel(model, device_ids=gpu_ids)  # splits each batch over the GPUs, gathers the outputs
+    optimizer = build_optimizer(model, opts.lr)
+    scheduler = build_scheduler(optimizer, opts.total_epoch, opts.cosine)
+    if opts.compile:
+        model = torch.compile(model)
+
+    dtype, notice = choose_precision(device, opts.fp16, opts.bf16, unwrap(model), (opts.height, opts.width))
+    if notice and not quiet:
+        print(notice)
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        float32_on_tiny_maps(unwrap(model))  # oneDNN's bfloat16 fails on one-pixel maps (speed.needs_float32)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # float16 needs loss scaling
+    warm_up = None
+    if opts.warm_epoch > 0:  # this process's steps per epoch: its share of the images under torchrun
+        steps_per_epoch = max(1, images_per_epoch(loaders["train"]) // opts.batchsize)
+        warm_up = WarmUp(steps_per_epoch * opts.warm_epoch)
+    return Run(opts, device, loaders, sizes, model, criterion, optimizer, scheduler, dtype, scaler, warm_up)
 
 
 @dataclass
@@ -305,8 +425,8 @@ def train(
         raise problem or TrainError(f"the first process could not take {folder}: see its message.")
     progress = RunProgress(opts.total_epoch, opts.save_every)
     try:
-        return _train_in(folder, opts, resume, overwrite, quiet or rank != 0, return_model, given, rank, world_size,
-                         progress)  # fmt: skip
+        history, model = _train_in(folder, opts, resume, overwrite, quiet or rank != 0, given, rank, world_size,
+                                   progress)  # fmt: skip
     except KeyboardInterrupt:
         if rank == 0 and created:
             remove_unused_run(folder)
@@ -317,41 +437,52 @@ def train(
         raise
     finally:
         lock.release()
+    return (history, model) if return_model else history
+
+
+def _train_in(folder: Path, requested: TrainOptions, resume, overwrite: bool, quiet: bool, given, rank: int,
+              world_size: int, progress: RunProgress):  # fmt: skip
+    """``train`` once the run folder is held: where to start, the run's parts, then the epoch loop."""
+    main_process = rank == 0  # only it prints, draws and saves
+    if main_process:
+        remove_stale_temporaries(folder)  # half-written checkpoints of killed runs
+    opts, checkpoint, resumed_from, progress.replacing = starting_point(folder, requested, resume, overwrite,
+                                                                        given, quiet)  # fmt: skip
+    progress.total_epoch, progress.save_every, progress.newest = opts.total_epoch, opts.save_every, resumed_from
+    distributed.barrier()  # every process has read the folder before the first one writes into it
+    run = build_run(opts, rank, world_size, quiet, resuming=checkpoint is not None)
+    requested.num_classes = opts.num_classes  # filled in for the caller too, resumed or not
+    history = {"train_loss": [], "train_err": [], "val_loss": [], "val_err": [], "skipped": [], "seconds": []}
+    start_epoch = 0
+    if checkpoint is not None:
+        try:
+            check_weights_fit(unwrap(run.model), checkpoint["model"], str(resumed_from))
+        except ValueError as err:
+            raise TrainError(str(err)) from None
+        history, start_epoch = restore_training(checkpoint, run.model, run.optimizer, run.scheduler, run.scaler,
+                                                run.warm_up)  # fmt: skip
+        notice = restore_random_state(checkpoint["rng"], run.device, rank, world_size, resumed_from)
+        if not quiet:
+            print(f"{notice}\n" * bool(notice) + f"Resuming {opts.name} from {resumed_from.name} "
+                  f"(epoch {start_epoch} of {opts.total_epoch}).")  # fmt: skip
+    curves = TrainingCurves(folder / "train.jpg", live=False if quiet else None)  # quiet: no live figure
+    curves.updates = history.get("curve_updates", 0)  # a resumed run counts the redraws before it too
+    if main_process:
+        check_free_space(folder, unwrap(run.model), opts, range(start_epoch, opts.total_epoch), quiet)
+        if not progress.replacing:  # a replaced run's opts.yaml goes with its checkpoints, not before
+            _saving(folder, progress, save_options, opts, folder)
+        if checkpoint is not None and start_epoch == opts.total_epoch and resumed_from.name != LAST_CHECKPOINT:
+            # the run ended, but net_last.pth is missing (killed while it was copied): put it in place now
+            _saving(folder, progress, save_checkpoint, checkpoint, folder / LAST_CHECKPOINT, resumed_from)
+
+    train_model(run, folder, progress, history, start_epoch, curves, quiet)
+    history["curve_updates"] = curves.updates
+    return history, unwrap(run.model)
 
 
 def holds_checkpoints(folder: Path) -> bool:
     """Whether ``folder`` holds any checkpoint, readable or not (then it is a run folder)."""
     return bool(checkpoints_newest_first(folder))
-
-
-def auto_resume(folder: Path, found: list, opts: TrainOptions) -> tuple[bool, str]:
-    """For ``resume="auto"``: whether to continue the run in ``folder``, and a notice saying why not.
-
-    Continued: a run of these same options (the machine's settings and the epoch count aside) that has not
-    finished. Started afresh: a finished run (training again is what a cell run again asks for), or one with
-    other options (the new options are what the user wants now).
-    """
-    readable = [(path, epoch) for path, epoch in found if epoch is not None]
-    if not readable:
-        return False, ""
-    newest, epoch = readable[0]
-    if epoch >= opts.total_epoch and newest.name == LAST_CHECKPOINT:
-        return False, ""
-    try:
-        saved = load_options(folder)
-    except TrainError as err:
-        return False, f"Note: {err} Training {opts.name} afresh."
-    changed = [
-        f"{key} {getattr(saved, key)} -> {getattr(opts, key)}"
-        for key in (f.name for f in fields(TrainOptions))
-        if key not in (*WHERE, *THIS_MACHINE, "num_classes") and getattr(saved, key) != getattr(opts, key)
-    ]
-    if changed:
-        return False, (
-            f"Note: {display_path(folder)} holds a run stopped after epoch {epoch} with other options "
-            f"({', '.join(changed[:4])}): training afresh; that run stays until this one's first checkpoint."
-        )
-    return True, ""
 
 
 def checkpoint_bytes(model: nn.Module) -> int:
@@ -384,190 +515,6 @@ def write_failed(err: OSError, folder: Path, progress: RunProgress) -> TrainErro
     fix = "free some space" if err.errno in DISK_FULL else "make the folder writable (or move the run elsewhere)"
     step = progress.next_step("run the same command with --resume", "run the same command again")
     return TrainError(f"{problem}. {kept[0].upper()}{kept[1:]}: {fix}, then {step}.")
-
-
-def _train_in(folder, opts, resume, overwrite, quiet, return_model, given, rank, world_size, progress):
-    """``train`` once the run folder is held: options, data, model, the epochs, the checkpoints."""
-    main_process = rank == 0  # only it prints, draws and saves
-    if main_process:
-        remove_stale_temporaries(folder)  # half-written checkpoints of killed runs
-    found = checkpoints_newest_first(folder)
-    if resume == "auto":
-        resume, notice = auto_resume(folder, found, opts)
-        overwrite = overwrite or not resume
-        if notice and not quiet:
-            print(notice)
-    checkpoint, requested = None, opts
-    if resume:
-        if not found:
-            raise TrainError(f"--resume: no checkpoint in {folder}. Start the run without --resume.")
-        opts, notice = resume_options(load_options(folder), opts, given)
-        opts.check()
-        progress.total_epoch, progress.save_every = opts.total_epoch, opts.save_every
-        if notice and not quiet:
-            print(notice)
-        checkpoint, resumed_from = newest_readable_checkpoint(found, quiet)
-        progress.newest = resumed_from
-        check_checkpoint_matches(checkpoint, opts, resumed_from)
-        if opts.total_epoch < checkpoint["epoch"]:
-            raise TrainError(
-                f"--total_epoch {opts.total_epoch} is less than the {checkpoint['epoch']} epochs {opts.name} has "
-                f"done: give a larger --total_epoch to go on, or leave it out."
-            )
-    elif found:
-        if not overwrite:
-            raise TrainError(f"{folder} already holds a run. Pass --resume to continue it, or choose another --name.")
-        progress.replacing = True  # its files go when this run has written its first checkpoint
-    if world_size > 1:
-        device = torch.device(f"cuda:{distributed.local_rank()}" if torch.cuda.is_available() else "cpu")
-        gpu_ids: list[int] = []
-        distributed.barrier()  # every process has read the folder before the first one writes into it
-    else:
-        device, gpu_ids = select_device(opts.gpu_ids, quiet=quiet)
-    if len(gpu_ids) > 1 and opts.triplet_weight > 0:
-        raise TrainError(
-            "the triplet loss needs the features of a whole batch in one process, which --gpu_ids with several "
-            "GPUs (DataParallel) splits up. Use torchrun --nproc_per_node=N instead."
-        )
-    # Each process its own seed: different dropout masks and augmentations (DDP copies rank 0's initial weights).
-    seed_everything(opts.seed + rank)
-    if opts.fast_data and device.type == "cpu":
-        reuse_freed_memory()  # the CPU fast path: no fresh pages for every step's activations and gradients
-    loaders, sizes, class_names = build_dataloaders(
-        opts.data_dir, opts.batchsize, opts.train_all, opts.height, opts.width, opts.erasing_p, opts.color_jitter,
-        opts.seed, instances=opts.instances if opts.triplet_weight > 0 else 0, skip_corrupt=opts.skip_corrupt,
-        shard=(rank, world_size), backend=data_backend(opts, device),
-    )  # fmt: skip
-    if opts.num_classes not in (0, len(class_names)):
-        raise TrainError(
-            f"run {opts.name} was trained on {opts.num_classes} identities, {opts.data_dir} has "
-            f"{len(class_names)}. Resume with the same --data_dir, or start a new --name."
-        )
-    opts.num_classes = requested.num_classes = len(class_names)  # filled in for the caller too, resumed or not
-    check_batches_fit(loaders, opts)
-
-    model = build_model(opts, pretrained=opts.pretrained and not resume, quiet=quiet).to(device)
-    criterion = ReIDLoss(opts.label_smoothing, opts.triplet_weight, opts.triplet_margin).watch(model)
-    if opts.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    elif len(gpu_ids) > 1:
-        model = nn.DataParallel(model, device_ids=gpu_ids)  # splits each batch over the GPUs
-    optimizer = build_optimizer(model, opts.lr)
-    scheduler = build_scheduler(optimizer, opts.total_epoch, opts.cosine)
-    if opts.compile:
-        model = torch.compile(model)
-
-    # Around the loop: mixed precision (the model, the criterion and the optimiser get wrapped) and warm-up.
-    step_optimizer, scaler = optimizer, None
-    dtype, notice = choose_precision(device, opts.fp16, opts.bf16, unwrap(model), (opts.height, opts.width))
-    if notice and not quiet:
-        print(notice)
-    if dtype is not None:
-        model, criterion = Autocast(model, device.type, dtype), Autocast(criterion, device.type, dtype)
-    warm_up = None
-    if opts.warm_epoch > 0:  # this process's steps per epoch: its share of the images under torchrun
-        steps_per_epoch = max(1, images_per_epoch(loaders["train"]) // opts.batchsize)
-        warm_up = criterion = WarmUp(criterion, steps_per_epoch * opts.warm_epoch)
-    if dtype == torch.float16:  # float16 needs loss scaling; bfloat16 does not
-        scaler = torch.amp.GradScaler(device.type)
-        criterion, step_optimizer = ScaledLoss(criterion, scaler), ScaledOptimizer(optimizer, scaler)
-
-    history = {"train_loss": [], "train_err": [], "val_loss": [], "val_err": [], "skipped": [], "seconds": []}
-    start_epoch = 0
-    if checkpoint is not None:
-        try:
-            check_weights_fit(unwrap(model), checkpoint["model"], str(resumed_from))
-        except ValueError as err:
-            raise TrainError(str(err)) from None
-        unwrap(model).load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        history, start_epoch = checkpoint["history"], checkpoint["epoch"]
-        if warm_up is not None:
-            warm_up.factor = checkpoint["state"]["warm_up"]
-        rng = checkpoint["rng"]
-        per_process = rng.get("processes", [rng])
-        if len(per_process) != world_size and not quiet:
-            print(f"Note: {resumed_from.name} was saved by {len(per_process)} process(es), this run has {world_size}: "
-                  "it continues correctly, but not with the same random numbers as an uninterrupted run.")  # fmt: skip
-        rng = per_process[rank] if len(per_process) == world_size else per_process[0]
-        torch.set_rng_state(rng["torch"])  # dropout; the data's random numbers follow from (seed, epoch)
-        if "cuda" in rng and device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], device)  # dropout on the GPU draws from here
-        if scaler is not None and checkpoint.get("scaler"):  # empty when the saving run did not scale its loss
-            scaler.load_state_dict(checkpoint["scaler"])  # the float16 loss scale reached so far
-        if not quiet:
-            print(f"Resuming {opts.name} from {resumed_from.name} (epoch {start_epoch} of {opts.total_epoch}).")
-    curves = TrainingCurves(folder / "train.jpg", live=False if quiet else None)  # quiet: no live figure
-    curves.updates = history.get("curve_updates", 0)  # a resumed run counts the redraws before it too
-    if main_process:
-        check_free_space(folder, unwrap(model), opts, range(start_epoch, opts.total_epoch), quiet)
-        if not progress.replacing:  # a replaced run's opts.yaml goes with its checkpoints, not before
-            _saving(folder, progress, save_options, opts, folder)
-        if checkpoint is not None and start_epoch == opts.total_epoch and resumed_from.name != LAST_CHECKPOINT:
-            # the run ended, but net_last.pth is missing (killed while it was copied): put it in place now
-            _saving(folder, progress, save_checkpoint, checkpoint, folder / LAST_CHECKPOINT, resumed_from)
-    bar = None
-    if not quiet:  # one bar for the whole run, counting images; it ends at 100 %
-        total = images_to_come(loaders, range(start_epoch, opts.total_epoch))
-        bar = tqdm(total=total, unit="img", desc=opts.name, leave=True)
-
-    try:
-        for epoch in range(start_epoch, opts.total_epoch):
-            progress.epoch = epoch + 1
-            started = time.perf_counter()
-            loaders["train"].sampler.set_epoch(epoch)  # this epoch's order and augmentation follow from it
-            for phase in ("train", "val"):
-                loader = loaders[phase] if bar is None else Counted(loaders[phase], bar)
-                result = train_one_phase(model, loader, phase, criterion, step_optimizer, device)
-                if phase == "train":  # every process saw its own share: add them up
-                    result = PhaseResult(*distributed.sum_over_processes(result))
-                if result.seen == 0:
-                    raise TrainError(
-                        f"no {phase} batch was used: --batchsize {opts.batchsize} is larger than the {phase} set "
-                        f"({sizes[phase]} images). Use a smaller --batchsize."
-                    )
-                if not math.isfinite(result.loss):
-                    raise diverged(folder, opts, epoch + 1, result.loss, progress.newest)
-                history[f"{phase}_loss"].append(result.loss)
-                history[f"{phase}_err"].append(1.0 - result.accuracy)
-                if phase == "train":
-                    history["skipped"].append(int(result.skipped))
-            scheduler.step()
-            history["seconds"].append(time.perf_counter() - started)
-            if bar is not None:
-                bar.set_postfix(epoch=epoch + 1, loss=f"{history['train_loss'][-1]:.3f}",
-                                val_err=f"{history['val_err'][-1]:.3f}")  # fmt: skip
-            done = epoch + 1
-            checkpoint_due = done % opts.save_every == 0 or done == opts.total_epoch
-            if checkpoint_due:
-                rng = {"torch": torch.get_rng_state()}
-                if device.type == "cuda":
-                    rng["cuda"] = torch.cuda.get_rng_state(device)
-                if world_size > 1:  # every process's random state, so a resumed run draws what it would have
-                    rng = {**rng, "processes": distributed.gather_from_processes(rng)}
-                if main_process:
-                    history["curve_updates"] = curves.updates + 1  # this save's redraw included
-                    checkpoint = {
-                        "epoch": done, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "history": history, "rng": rng,
-                        "state": {"warm_up": warm_up.factor if warm_up is not None else 1.0},
-                        "scaler": scaler.state_dict() if scaler is not None else {}, "options": asdict(opts),
-                    }  # fmt: skip
-                    _saving(folder, progress, save_epoch, checkpoint, folder, opts, progress)
-            # Watched, the curves are redrawn after every epoch, as layumi's train.py does (its tutorial says every
-            # 10); a quiet run (an ablation, a test) draws train.jpg with each checkpoint only.
-            if main_process and (checkpoint_due or not quiet):
-                _saving(folder, progress, curves.update, history)
-    finally:
-        if bar is not None:
-            bar.close()  # also on errors and Ctrl-C: the message then starts on its own line
-    history["curve_updates"] = curves.updates
-    if return_model:
-        return history, unwrap(model)
-    return history
 
 
 def check_batches_fit(loaders: dict, opts: TrainOptions) -> None:
@@ -621,23 +568,6 @@ def _saving(folder: Path, progress: RunProgress, write, *args):
         raise problem from None
 
 
-def newest_readable_checkpoint(found: list[tuple[Path, int | None]], quiet: bool = False) -> tuple[dict, Path]:
-    """The newest checkpoint that loads; each damaged newer one is named in a notice and passed over."""
-    damaged = [f"{path} cannot be read (empty or cut short)." for path, epoch in found if epoch is None]
-    for path, epoch in found:
-        if epoch is None:  # its epoch is unknown: it may have been the newest, so it was named above
-            continue
-        try:
-            checkpoint = load_checkpoint(path)
-        except DamagedCheckpointError as err:
-            damaged.append(str(err))
-            continue
-        if damaged and not quiet:
-            print(f"Note: {' '.join(damaged)} Resuming from {path.name}, the newest checkpoint that can be read.")
-        return checkpoint, path
-    raise TrainError(f"no checkpoint of this run can be read: {' '.join(damaged)} Start the run again.")
-
-
 def diverged(folder: Path, opts: TrainOptions, epoch: int, loss: float, newest: Path | None) -> TrainError:
     """The error for a loss that became NaN or infinite: no checkpoint of the broken weights is written.
 
@@ -648,30 +578,6 @@ def diverged(folder: Path, opts: TrainOptions, epoch: int, loss: float, newest: 
         f"the training loss became {loss} in epoch {epoch}: the run diverged and was stopped; {where}. "
         f"Train again with a smaller --lr (now {opts.lr}) or with --warm_epoch."
     )
-
-
-def trained_run(prepared: str | Path, model_dir: str | Path, profile: str = "cpu-demo") -> Path:
-    """The run notebook 03 trains with ``profile``; finished here with the same code (and said so) when it is not.
-
-    Lets every notebook after 03 run on its own, in a fresh kernel, in any order. A run that notebook 03 began
-    and did not finish (stopped, or the kernel died) is continued from its newest checkpoint, never trained
-    again from the start.
-    """
-    options = TrainOptions(data_dir=str(prepared), model_dir=str(model_dir), **PROFILES[profile])
-    run = run_dir(options)
-    if (run / LAST_CHECKPOINT).is_file():
-        print(f"Using the model trained in notebook 03: {display_path(run)}/{LAST_CHECKPOINT}")
-        return run
-    newest = latest_checkpoint(run)
-    if newest is None:
-        print(f"No trained model in {display_path(run)}: training it now with the settings of notebook 03.")
-        train(options)
-    else:
-        done, total = checkpoint_epoch(newest), load_options(run).total_epoch
-        print(f"Notebook 03's training in {display_path(run)} stopped after epoch {done} of {total}: "
-              f"continuing it from {newest.name}.")  # fmt: skip
-        train(options, resume=True, given={"name", "model_dir", "data_dir"})  # the run's own options otherwise
-    return run
 
 
 # --------------------------------------------------------------------------- the command line

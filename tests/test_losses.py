@@ -124,30 +124,51 @@ def test_optimising_embeddings_lowers_the_loss():
     assert all(later <= earlier for earlier, later in pairwise(losses))
 
 
-def test_reid_loss_sees_the_pooled_features_of_the_watched_model_in_training_only():
+def test_reid_loss_gets_the_pooled_features_from_the_forward_pass_in_training_only():
+    """A network built for the triplet loss returns ``(scores, features)`` in training (layumi's ``return_feature``),
+    with no hook; in evaluation it returns scores only, and only the ID loss counts."""
     from reid_utils.model import ReIDNet
 
     torch.manual_seed(0)
-    net = ReIDNet(4, backbone="resnet18", pretrained=False)
+    net = ReIDNet(4, backbone="resnet18", pretrained=False, return_features=True)
     images, labels = torch.randn(8, 3, 32, 16), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    criterion = ReIDLoss(triplet_weight=1.0).watch(net)
+    criterion = ReIDLoss(triplet_weight=1.0)
     features = net.features(images)  # BatchNorm in training mode: the same batch gives the same features
-    logits = net(images)  # training mode: the hook hands the pooled features over
+    outputs = net(images)
+    assert isinstance(outputs, tuple) and torch.allclose(outputs[1], features)
+    logits = outputs[0]
     expected = nn.functional.cross_entropy(logits, labels) + batch_hard_triplet_loss(features, labels)
-    assert torch.allclose(criterion(logits, labels), expected)
-    assert torch.equal(criterion(logits, labels), nn.functional.cross_entropy(logits, labels))  # used once only
+    assert torch.allclose(criterion(outputs, labels), expected)
+    assert torch.equal(criterion(logits, labels), nn.functional.cross_entropy(logits, labels))  # scores alone: ID
     net.eval()
     with torch.no_grad():
         logits = net(images)
+    assert isinstance(logits, torch.Tensor)
     assert torch.equal(criterion(logits, labels), nn.functional.cross_entropy(logits, labels))  # val: no triplet
 
 
 def test_warm_up_scales_training_losses_from_a_tenth_to_one():
-    warm = WarmUp(lambda outputs, labels: outputs.sum(), iterations=3)
-    ones = torch.ones(1, requires_grad=True)
-    factors = [warm(ones, None).item() for _ in range(5)]
+    warm = WarmUp(iterations=3)
+    factors = [warm.step() for _ in range(5)]
     assert factors == pytest.approx([0.4, 0.7, 1.0, 1.0, 1.0])  # 0.1 + 0.9 * step / iterations, at most 1
-    cold = WarmUp(lambda outputs, labels: outputs.sum(), iterations=3)
-    with torch.no_grad():  # the validation phase: neither scaled nor counted
-        assert cold(ones, None).item() == 1.0
-    assert cold.factor == 0.1
+
+
+def test_warm_up_scales_and_counts_only_training_steps():
+    """The loop's one warm-up line: training losses are scaled, the validation phase is neither scaled nor counted."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from reid_utils.train import train_one_phase
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    loader = DataLoader(TensorDataset(torch.randn(8, 3), torch.tensor([0, 1] * 4)), batch_size=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay: the same loss every pass
+    device = torch.device("cpu")
+    plain = train_one_phase(model, loader, "val", nn.CrossEntropyLoss(), optimizer, device)
+    cold = WarmUp(iterations=4)
+    val = train_one_phase(model, loader, "val", nn.CrossEntropyLoss(), optimizer, device, warm_up=cold)
+    assert val.running_loss == plain.running_loss and cold.factor == 0.1
+    scaled = train_one_phase(model, loader, "train", nn.CrossEntropyLoss(), optimizer, device, warm_up=cold)
+    assert cold.factor == pytest.approx(0.55)  # two steps of 0.9 / 4
+    batch_losses = [nn.functional.cross_entropy(model(x), y).item() * 4 for x, y in loader]
+    assert scaled.running_loss == pytest.approx(0.325 * batch_losses[0] + 0.55 * batch_losses[1])

@@ -91,6 +91,48 @@ def test_the_package_docstring_lists_every_module_once():
     assert sorted(named) == sorted(modules), f"missing: {modules - set(named)}; listed twice: {twice}"
 
 
+STAGE_MODULES = ("train", "runs", "data", "model", "test", "metrics")
+
+
+def test_no_function_of_the_stage_modules_is_longer_than_90_lines():
+    """Issue #21: the training loop and everything around it read top to bottom; a long function hides its order."""
+    import ast
+
+    long = []
+    for name in STAGE_MODULES:
+        path = ROOT / "reid_utils" / f"{name}.py"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > 90:
+                    long.append(f"{name}.{node.name}: {length} lines")
+    assert not long, long
+
+
+def test_the_package_loop_is_the_classic_one_without_wrappers():
+    """The loss and the optimiser are not wrapped: precision is an autocast context and a GradScaler in the loop,
+    warm-up is a line of it, and the triplet loss's features come from the network's forward pass (no hooks)."""
+    import inspect
+
+    import reid_utils.losses
+    import reid_utils.speed
+    import reid_utils.train
+
+    phase = inspect.getsource(reid_utils.train.train_one_phase)
+    for line in ("torch.autocast(device.type, dtype", "scaler.scale(loss).backward()", "scaler.step(optimizer)",
+                 "loss = loss * warm_up.step()"):  # fmt: skip
+        assert line in phase, line
+    loop = inspect.getsource(reid_utils.train.train_model)
+    order = ["set_epoch(epoch)", "train_one_phase(", "scheduler.step()", "save_network(", "curves.update"]
+    assert [loop.index(step) for step in order] == sorted(loop.index(step) for step in order)
+    assert loop.count("\n") <= 90
+    for module in (reid_utils.train, reid_utils.speed, reid_utils.losses):
+        assert "register_forward_hook" not in inspect.getsource(module) or module is reid_utils.speed
+        assert not hasattr(module, "ScaledLoss") and not hasattr(module, "ScaledOptimizer")
+    assert "pool.register_forward_hook" not in inspect.getsource(reid_utils.losses)
+    assert not hasattr(reid_utils.train, "PROFILES") and not hasattr(reid_utils.train, "trained_run")
+
+
 def test_the_readme_states_how_much_code_a_student_reads():
     """README.md quotes the size of the taught part (issue #21); the quote follows the code it counts."""
     import importlib.util

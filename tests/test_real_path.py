@@ -8,11 +8,12 @@ import torch
 
 from reid_utils.fastdata import CachedData
 from reid_utils.prepare import prepare_market
+from reid_utils.profiles import PROFILES
 from reid_utils.runs import load_checkpoint
 from reid_utils.speed import cpu_has_bf16
 from reid_utils.synthetic import generate_market
 from reid_utils.test import evaluate_features, evaluation_loader, extract_features, load_trained_model
-from reid_utils.train import PROFILES, TrainOptions, train
+from reid_utils.train import TrainOptions, train
 
 
 @pytest.fixture()

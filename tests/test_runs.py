@@ -19,6 +19,8 @@ import pytest
 import torch
 import yaml
 
+import reid_utils.profiles as profiles_module
+import reid_utils.runs as runs_module
 import reid_utils.train as train_module
 from reid_utils import test as test_cli
 from reid_utils import train as train_cli
@@ -278,8 +280,8 @@ def test_a_loss_that_becomes_nan_stops_the_run_and_keeps_the_last_good_checkpoin
     real_step = train_module.train_one_phase
     calls = []
 
-    def diverge_in_epoch_3(model, loader, phase, criterion, optimizer, device):
-        result = real_step(model, loader, phase, criterion, optimizer, device)
+    def diverge_in_epoch_3(model, loader, phase, *rest):
+        result = real_step(model, loader, phase, *rest)
         calls.append(phase)
         if calls.count("train") == 3 and phase == "train":
             with torch.no_grad():
@@ -352,7 +354,7 @@ def interrupt_in_epoch(monkeypatch, epoch: int) -> None:
 def tiny_profile(monkeypatch, tiny_prepared):
     """Notebook 03's profile, shrunk to the run of ``options()`` (two epochs, a checkpoint after each)."""
     profile = {k: v for k, v in vars(options(tiny_prepared, "unused")).items() if k not in ("data_dir", "model_dir")}
-    monkeypatch.setitem(train_module.PROFILES, "tiny", profile)
+    monkeypatch.setitem(profiles_module.PROFILES, "tiny", profile)
 
 
 @pytest.mark.parametrize("stopped", ["after epoch 1", "while net_last.pth was copied"])
@@ -365,7 +367,7 @@ def test_notebooks_continue_a_run_notebook_03_did_not_finish(finished, tiny_prep
     for later in ("net_002.pth", "net_last.pth") if stopped == "after epoch 1" else ("net_last.pth",):
         (copy / later).unlink()
     kept = {p.name: p.read_bytes() for p in copy.glob("net_*.pth")}
-    assert train_module.trained_run(tiny_prepared, copy.parent, "tiny") == copy
+    assert profiles_module.trained_run(tiny_prepared, copy.parent, "tiny") == copy
     out = capsys.readouterr().out
     done = 1 if stopped == "after epoch 1" else 2
     assert f"stopped after epoch {done} of 2: continuing it from net_00{done}.pth" in out
@@ -404,7 +406,7 @@ def test_resume_auto_continues_only_an_unfinished_run_of_the_same_options(finish
 
     def decision(**changes):
         requested = options(tiny_prepared, tmp_path, **changes)
-        return train_module.auto_resume(copy, checkpoints_newest_first(copy), requested)
+        return runs_module.auto_resume(copy, checkpoints_newest_first(copy), requested)
 
     assert decision() == (False, "")  # finished: a cell run again trains again, as it always did
     assert decision(total_epoch=3) == (True, "")  # more epochs asked for: go on

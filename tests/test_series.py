@@ -201,7 +201,7 @@ def test_the_kernels_connection_is_encrypted_where_pyzmq_can(monkeypatch):
 def _ablation_plan(profile: str) -> dict:
     """Notebook 06's ablation cell run on its own under ``profile``: its setting, seeds and steps."""
     from reid_utils.data import repo_root
-    from reid_utils.train import PROFILES
+    from reid_utils.profiles import PROFILES
 
     notebook = nbformat.read(repo_root() / "notebooks" / "06_going_further.ipynb", as_version=4)
     cell = next(cell for cell in notebook.cells if cell.cell_type == "code" and "seeds = " in cell.source)
@@ -214,7 +214,7 @@ def _ablation_plan(profile: str) -> dict:
 
 def test_the_ablation_of_notebook_06_follows_the_profile(capsys):
     """``series --profile cpu-quick`` is the quick check of a laptop: 06's fifteen trainings were most of it."""
-    from reid_utils.train import PROFILES
+    from reid_utils.profiles import PROFILES
 
     def trained_epochs(plan: dict) -> int:
         return len(plan["steps"]) * len(plan["seeds"]) * plan["setting"]["total_epoch"]

@@ -15,13 +15,12 @@ import reid_utils.speed as speed_module
 from reid_utils.model import build_model
 from reid_utils.speed import (
     BF16_STEP_TOLERANCE,
-    Autocast,
-    ScaledLoss,
-    ScaledOptimizer,
     bf16_step_error,
     choose_precision,
+    float32_on_tiny_maps,
     needs_float32,
 )
+from reid_utils.train import train_one_phase
 
 
 def test_cpu_bf16_is_decided_by_the_cpu_flags(monkeypatch):
@@ -82,22 +81,26 @@ def test_which_convolutions_run_in_float32(kernel, stride, padding, size, expect
 def test_a_strided_convolution_on_a_one_pixel_wide_map_gets_its_float32_weight_gradient(channels, height, batch):
     """The mechanism: oneDNN's bfloat16 weight gradient of such a convolution read memory it had not written
     on our AVX-512 BF16 CPU: NaN, infinity or up to 1e12 in most of these tries (right in some, depending on
-    what the memory held). Under ``Autocast`` it is computed in float32, right every time."""
+    what the memory held). With ``float32_on_tiny_maps`` it is computed in float32 under autocast, right every time."""
     for seed in range(4):
         torch.manual_seed(seed)
         conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
         inputs = torch.randn(batch, channels, height, 1).bfloat16().float()
         conv(inputs).square().sum().backward()
         exact, conv.weight.grad = conv.weight.grad, None
-        Autocast(conv, "cpu", torch.bfloat16)(inputs).float().square().sum().backward()
+        with torch.autocast("cpu", torch.bfloat16):
+            output = float32_on_tiny_maps(conv)(inputs)
+        output.float().square().sum().backward()
         assert (conv.weight.grad - exact).norm() <= 0.05 * exact.norm(), seed  # False for NaN
 
 
 def test_the_float32_convolutions_cost_no_precision_elsewhere():
     """Where every tap sees pixels the convolution stays in bfloat16 (the speed)."""
-    wrapped = Autocast(nn.Conv2d(8, 8, 3, stride=2, padding=1), "cpu", torch.bfloat16)
-    assert wrapped(torch.randn(2, 8, 8, 4)).dtype == torch.bfloat16
-    assert wrapped(torch.randn(2, 8, 2, 1)).dtype == torch.float32
+    conv = float32_on_tiny_maps(nn.Conv2d(8, 8, 3, stride=2, padding=1))
+    with torch.autocast("cpu", torch.bfloat16):
+        assert conv(torch.randn(2, 8, 8, 4)).dtype == torch.bfloat16
+        assert conv(torch.randn(2, 8, 2, 1)).dtype == torch.float32
+    assert conv(torch.randn(2, 8, 8, 4)).dtype == torch.float32  # without autocast: float32 as ever
 
 
 def test_a_bf16_step_follows_float32_on_this_cpu():
@@ -166,30 +169,43 @@ def test_the_bf16_check_decides_the_same_on_other_cpu_kernels(setting):
         assert capability == setting["ATEN_CPU_CAPABILITY"].upper()
 
 
-def test_autocast_wraps_only_the_forward_pass():
+class _Loader(list):
+    """A list of batches with the ``batch_size`` the loop's short-batch check reads."""
+
+    @property
+    def batch_size(self) -> int:
+        return len(self[0][0])
+
+
+def test_the_loops_autocast_covers_the_forward_pass_and_the_loss_only():
+    """bfloat16 in the loop: the forward pass runs in bfloat16, gradients land on the float32 weights in float32,
+    and the loss the loop adds up is float32's."""
     torch.manual_seed(0)
     linear = nn.Linear(8, 4)
-    wrapped = Autocast(linear, "cpu", torch.bfloat16)
-    x = torch.randn(3, 8)
-    assert wrapped(x).dtype == torch.bfloat16 and linear(x).dtype == torch.float32
-    wrapped(x).float().sum().backward()
-    assert linear.weight.grad.dtype == torch.float32  # gradients land on the float32 weights
+    seen = []
+    linear.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    optimizer = torch.optim.SGD(linear.parameters(), lr=0.0)
+    loader = _Loader([(torch.randn(3, 8), torch.tensor([0, 1, 2]))])
+    device = torch.device("cpu")
+    result = train_one_phase(linear, loader, "train", nn.CrossEntropyLoss(), optimizer, device, torch.bfloat16)
+    assert seen == [torch.bfloat16] and linear.weight.grad.dtype == torch.float32
+    assert math.isfinite(result.loss)
+    train_one_phase(linear, loader, "train", nn.CrossEntropyLoss(), optimizer, device)
+    assert seen[-1] == torch.float32  # without dtype: float32, as ever
 
 
-def _one_step(scaled_around_the_loop: bool) -> list[torch.Tensor]:
-    """One SGD step with float16-style loss scaling, written either way; returns the new weights."""
+def _one_step(in_the_loop: bool) -> list[torch.Tensor]:
+    """One SGD step with float16-style loss scaling, taken by the loop or by hand; returns the new weights."""
     torch.manual_seed(0)
     model = nn.Linear(6, 3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     criterion = nn.CrossEntropyLoss()
     inputs, labels = torch.randn(5, 6), torch.tensor([0, 1, 2, 1, 0])
-    if scaled_around_the_loop:  # what the trainer does: the loop stays loss.backward(); optimizer.step()
-        criterion, step = ScaledLoss(criterion, scaler), ScaledOptimizer(optimizer, scaler)
-        step.zero_grad()
-        loss = criterion(model(inputs), labels)
-        loss.backward()
-        step.step()
+    if in_the_loop:  # what the trainer does: train_one_phase with the scaler
+        result = train_one_phase(model, _Loader([(inputs, labels)]), "train", criterion, optimizer,
+                                 torch.device("cpu"), scaler=scaler)  # fmt: skip
+        loss = torch.tensor(result.loss)
     else:  # the GradScaler recipe of the PyTorch documentation
         optimizer.zero_grad()
         loss = criterion(model(inputs), labels)
@@ -199,9 +215,9 @@ def _one_step(scaled_around_the_loop: bool) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()] + [loss.detach()]
 
 
-def test_loss_scaling_around_the_loop_is_the_gradscaler_recipe():
-    around, recipe = _one_step(True), _one_step(False)
-    for a, b in zip(around, recipe, strict=True):
+def test_loss_scaling_in_the_loop_is_the_gradscaler_recipe():
+    loop, recipe = _one_step(True), _one_step(False)
+    for a, b in zip(loop, recipe, strict=True):
         assert torch.equal(a, b)  # identical weights, and the loss the loop adds up is the unscaled one
 
 
@@ -211,10 +227,9 @@ def test_a_scaled_step_with_an_infinite_gradient_is_skipped():
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    step = ScaledOptimizer(optimizer, scaler)
-    loss = ScaledLoss(lambda out: out.sum() * float("inf"), scaler)(model(torch.ones(1, 2)))
-    loss.backward()
-    step.step()
+    loader = _Loader([(torch.ones(1, 2), torch.zeros(1))])
+    train_one_phase(model, loader, "train", lambda out, labels: out.sum() * float("inf"), optimizer,
+                    torch.device("cpu"), scaler=scaler)  # fmt: skip
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert scaler.get_scale() < 2.0**10  # the factor backs off
 
