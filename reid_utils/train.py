@@ -462,9 +462,10 @@ def _train_in(folder: Path, requested: TrainOptions, resume, overwrite: bool, qu
         history, start_epoch = restore_training(checkpoint, run.model, run.optimizer, run.scheduler, run.scaler,
                                                 run.warm_up)  # fmt: skip
         notice = restore_random_state(checkpoint["rng"], run.device, rank, world_size, resumed_from)
+        if notice and not quiet:
+            print(notice)
         if not quiet:
-            print(f"{notice}\n" * bool(notice) + f"Resuming {opts.name} from {resumed_from.name} "
-                  f"(epoch {start_epoch} of {opts.total_epoch}).")  # fmt: skip
+            print(f"Resuming {opts.name} from {resumed_from.name} (epoch {start_epoch} of {opts.total_epoch}).")
     curves = TrainingCurves(folder / "train.jpg", live=False if quiet else None)  # quiet: no live figure
     curves.updates = history.get("curve_updates", 0)  # a resumed run counts the redraws before it too
     if main_process:
