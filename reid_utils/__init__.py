@@ -18,6 +18,7 @@ Beside them, the extras:
 
 - ``losses``, ``samplers``  -- the tricks: label smoothing, warm-up, triplet loss, P x K batches (06)
 - ``fastdata``    -- the fast data path: images decoded once, batches augmented as tensors (06)
+- ``fastrank``    -- what makes ``metrics.evaluate`` fast: float32 scores, exact near-ties, counted ranks (04)
 - ``speed``       -- which precision, the CPU's abilities, the allocator (06)
 - ``distributed`` -- several processes with ``torchrun`` (06)
 - ``own_data``    -- your own crops in the Market-1501 format (06)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from reid_utils import metrics
+from reid_utils import fastrank, metrics
 from reid_utils.metrics import (
     Evaluation,
     evaluate,
@@ -436,7 +436,7 @@ def test_near_ties_fool_float32_alone(monkeypatch):
     """
     cancelling = near_ties(0, np.float32, cancel=True)
     with monkeypatch.context() as patch:
-        patch.setattr(metrics, "_gamma", lambda n, unit_roundoff: 0.0)
+        patch.setattr(fastrank, "_gamma", lambda n, unit_roundoff: 0.0)
         assert not np.array_equal(evaluate(*cancelling).ap, evaluate_naive(*cancelling).ap)
     plain = near_ties(0, np.float32)
     with monkeypatch.context() as patch:
@@ -444,8 +444,8 @@ def test_near_ties_fool_float32_alone(monkeypatch):
         def in_float32(left, right):
             return np.einsum("ij,ij->i", left.astype(np.float32), right.astype(np.float32)).astype(np.float64)
 
-        patch.setattr(metrics, "_dot_pairs", in_float32)
-        patch.setattr(metrics, "_blas_dot_pairs", in_float32)
+        patch.setattr(fastrank, "_dot_pairs", in_float32)
+        patch.setattr(fastrank, "_blas_dot_pairs", in_float32)
         assert not np.array_equal(evaluate(*plain).ap, evaluate_naive(*plain).ap)
 
 
@@ -470,7 +470,7 @@ def test_dot_pairs_round_like_dot_rows():
     for q in range(3):
         full = metrics._dot_rows(gallery, queries[q])
         picked = rng.integers(0, len(gallery), 50)
-        pairs = metrics._dot_pairs(gallery[picked], np.repeat(queries[q : q + 1], 50, axis=0))
+        pairs = fastrank._dot_pairs(gallery[picked], np.repeat(queries[q : q + 1], 50, axis=0))
         np.testing.assert_array_equal(pairs, full[picked])
         np.testing.assert_array_equal(metrics._dot_rows(gallery[picked], queries[q]), full[picked])
 
@@ -557,9 +557,9 @@ def test_hard_features_equal_naive_exactly(seed, monkeypatch):
         for chunk_size in (None, 1, 7):
             assert_identical(evaluate(*data, ap=ap, chunk_size=chunk_size), reference[ap])
     # several passes per chunk and coarse bins (many items in each): still the same ranks
-    monkeypatch.setattr(metrics, "_PAIRS_PER_PASS", 3000)
-    monkeypatch.setattr(metrics, "_MIN_BINS", 16)
-    monkeypatch.setattr(metrics, "_bins_per_row", lambda width: 16)
+    monkeypatch.setattr(fastrank, "_PAIRS_PER_PASS", 3000)
+    monkeypatch.setattr(fastrank, "_MIN_BINS", 16)
+    monkeypatch.setattr(fastrank, "_bins_per_row", lambda width: 16)
     for ap in ("market", "step"):
         assert_identical(evaluate(*data, ap=ap), reference[ap])
 
@@ -572,13 +572,13 @@ def test_hard_features_sort_only_the_near_ties(monkeypatch):
     """
     data = hard_split(3, nq=40, ng=3000)
     sorted_keys = []
-    original = metrics._sort_row_runs
+    original = fastrank._sort_row_runs
 
     def counting(packed, per_row):
         sorted_keys.append(len(packed))
         original(packed, per_row)
 
-    monkeypatch.setattr(metrics, "_sort_row_runs", counting)
+    monkeypatch.setattr(fastrank, "_sort_row_runs", counting)
     assert_identical(evaluate(*data), evaluate_naive(*data))
     pairs = len(data[0]) * len(data[3])
     assert sum(sorted_keys) < 0.1 * pairs, (sum(sorted_keys), pairs)
@@ -600,7 +600,7 @@ def test_row_bins_never_disagree_with_the_keys():
     ]
     keys = np.array(rows, dtype=np.float32)
     per_row = 16
-    bins = metrics._RowBins.fit(keys.min(axis=1), keys.max(axis=1), per_row)
+    bins = fastrank._RowBins.fit(keys.min(axis=1), keys.max(axis=1), per_row)
     item_bins = bins.of_rows(keys, np.empty_like(keys), np.empty(keys.shape, dtype=np.int32))
     starts = np.arange(len(keys))[:, None] * per_row
     assert (item_bins >= starts).all() and (item_bins < starts + per_row).all()
@@ -620,7 +620,7 @@ def test_near_ties_trust_blas_only_within_its_bound(monkeypatch):
     without the bound (so the test can fail)."""
     data = near_ties(0, np.float64, 1e-13)
     reference = evaluate_naive(*data)
-    original = metrics._blas_dot_pairs
+    original = fastrank._blas_dot_pairs
 
     def off_by(fraction):
         """BLAS scores off by ``fraction`` of their bound: down for the matches, up for the items close to them
@@ -630,20 +630,20 @@ def test_near_ties_trust_blas_only_within_its_bound(monkeypatch):
         def dot(left, right):
             calls.append(len(left))
             norms = np.linalg.norm(left, axis=1) * np.linalg.norm(right, axis=1)
-            bound = 2 * metrics._gamma(left.shape[1], 2.0**-53) * norms
+            bound = 2 * fastrank._gamma(left.shape[1], 2.0**-53) * norms
             return original(left, right) + (-1 if len(calls) == 1 else 1) * fraction * bound
 
         return dot
 
     def unbounded(self, queries, columns):
-        return self._pairs_in_gallery_order(queries, columns, metrics._blas_dot_pairs), np.zeros(len(queries))
+        return self._pairs_in_gallery_order(queries, columns, fastrank._blas_dot_pairs), np.zeros(len(queries))
 
     with monkeypatch.context() as patch:
-        patch.setattr(metrics, "_blas_dot_pairs", off_by(0.5))
+        patch.setattr(fastrank, "_blas_dot_pairs", off_by(0.5))
         assert_identical(evaluate(*data), reference)
     with monkeypatch.context() as patch:  # the same values, trusted without their bound
-        patch.setattr(metrics, "_blas_dot_pairs", off_by(0.5))
-        patch.setattr(metrics._FeatureKeys, "nearly", unbounded)
+        patch.setattr(fastrank, "_blas_dot_pairs", off_by(0.5))
+        patch.setattr(fastrank.FeatureKeys, "nearly", unbounded)
         assert not np.array_equal(evaluate(*data).ap, reference.ap)
 
 
@@ -651,7 +651,7 @@ def test_near_ties_trust_blas_only_within_its_bound(monkeypatch):
 def test_both_ways_of_counting_give_the_loops_ranks(share, monkeypatch):
     """A pass counts the items before each match by a histogram (many candidates: hard features) or by sorting
     the candidates (few: trained features); forced either way, on either kind of data, the ranks are the loop's."""
-    monkeypatch.setattr(metrics, "_CANDIDATE_SHARE", share)
+    monkeypatch.setattr(fastrank, "_CANDIDATE_SHARE", share)
     for data in (market_like(8), hard_split(8), random_split(8, quantised=True), near_ties(3)):
         for ap in ("market", "step"):
             assert_identical(evaluate(*data, ap=ap, chunk_size=5), evaluate_naive(*data, ap=ap))
@@ -660,7 +660,7 @@ def test_both_ways_of_counting_give_the_loops_ranks(share, monkeypatch):
 @pytest.mark.parametrize("threads", [1, 3])
 def test_any_number_of_ranking_threads_gives_the_loops_ranks(threads, monkeypatch):
     """The passes and the near-ties of a chunk are shared out among threads; how many changes nothing."""
-    monkeypatch.setattr(metrics, "_ranking_threads", lambda: threads)
-    monkeypatch.setattr(metrics, "_PAIRS_PER_PASS", 2000)  # several passes a chunk
+    monkeypatch.setattr(fastrank, "_ranking_threads", lambda: threads)
+    monkeypatch.setattr(fastrank, "_PAIRS_PER_PASS", 2000)  # several passes a chunk
     for data in (hard_split(9), market_like(9)):
         assert_identical(evaluate(*data), evaluate_naive(*data))
