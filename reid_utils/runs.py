@@ -45,6 +45,11 @@ MAX_IMAGE_SIDE = 2048  # pixels; Market-1501 crops are 128x64 and the recipe tra
 class TrainError(Exception):
     """A problem the user can fix (bad option, missing data, existing run...)."""
 
+    def _render_traceback_(self) -> list[str]:
+        """In Jupyter the message alone (IPython's hook), as the command line prints it: the problem and the fix,
+        not the package's insides that found it."""
+        return [f"{type(self).__name__}: {self}"]
+
 
 @dataclass
 class TrainOptions:

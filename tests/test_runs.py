@@ -5,6 +5,7 @@ a stale or damaged checkpoint, or put somewhere that cannot be written. Each cas
 or in one clear line and exit code 2.
 """
 
+import contextlib
 import errno
 import io
 import math
@@ -377,6 +378,20 @@ def test_notebooks_continue_a_run_notebook_03_did_not_finish(finished, tiny_prep
     assert resumed["history"]["train_loss"] == pytest.approx(uninterrupted["history"]["train_loss"], abs=1e-6)
     for key, value in uninterrupted["model"].items():
         assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-6), key
+
+
+def test_a_users_error_in_a_notebook_is_the_one_line_the_command_line_prints(finished, tiny_prepared, tmp_path):
+    """A TrainError in Jupyter showed the package's traceback above the message; now the message alone."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    copy = copy_run(finished, tmp_path)
+    shell = InteractiveShell.instance()
+    shell.user_ns.update(train=train, opts=options(tiny_prepared, copy.parent))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        shell.run_cell("train(opts, quiet=True)")  # the run exists: neither resume nor overwrite
+    assert out.getvalue().splitlines() == [f"TrainError: {copy} already holds a run. Pass --resume to continue it, "
+                                           "or choose another --name."]  # fmt: skip
 
 
 def test_a_notebook_interrupt_is_one_line_and_the_cell_run_again_continues(finished, tiny_prepared, tmp_path,
