@@ -244,7 +244,7 @@ def train_model(run: Run, folder: Path, progress: RunProgress, history: dict, st
             # Watched, the curves are redrawn after every epoch, as layumi's train.py does (its tutorial says every
             # 10); a quiet run (an ablation, a test) draws train.jpg with each checkpoint only.
             if main_process and (saved or not quiet):
-                _saving(folder, progress, curves.update, history)
+                draw_curve(curves, history, folder, progress)
     finally:
         if bar is not None:
             bar.close()  # also on errors and Ctrl-C: the message then starts on its own line
@@ -260,6 +260,11 @@ def check_phase(result: PhaseResult, phase: str, run: Run, folder: Path, progres
         )
     if not math.isfinite(result.loss):
         raise diverged(folder, run.opts, progress.epoch, result.loss, progress.newest)
+
+
+def draw_curve(curves: TrainingCurves, history: dict, folder: Path, progress: RunProgress) -> None:
+    """Redraw the loss and error curves (``train.jpg``, and the live figure of a watched run)."""
+    _saving(folder, progress, curves.update, history)
 
 
 def save_network(run: Run, done: int, history: dict, curves: TrainingCurves, folder: Path,

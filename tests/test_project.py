@@ -123,7 +123,7 @@ def test_the_package_loop_is_the_classic_one_without_wrappers():
                  "loss = loss * warm_up.step()"):  # fmt: skip
         assert line in phase, line
     loop = inspect.getsource(reid_utils.train.train_model)
-    order = ["set_epoch(epoch)", "train_one_phase(", "scheduler.step()", "save_network(", "curves.update"]
+    order = ["set_epoch(epoch)", "train_one_phase(", "scheduler.step()", "save_network(", "draw_curve("]
     assert [loop.index(step) for step in order] == sorted(loop.index(step) for step in order)
     assert loop.count("\n") <= 90
     for module in (reid_utils.train, reid_utils.speed, reid_utils.losses):
