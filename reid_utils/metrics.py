@@ -56,8 +56,6 @@ _MIN_BINS = 16
 _CANDIDATE_SHARE = 0.1
 # Sorting a few hundred keys at a time (whole rows) stays in cache: 3-7x faster per key than one long sort.
 _SORT_RUN = 1 << 9
-# Which way a pass counts is decided on every _SAMPLE_STEP-th column (a guess: only the speed depends on it).
-_SAMPLE_STEP = 8
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -531,8 +529,7 @@ def _ranks_in_pass(
     cols: np.ndarray,
     junk: tuple[np.ndarray, np.ndarray],
     tolerance: np.ndarray,
-    source: _KeySource,
-) -> tuple[np.ndarray, ...]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Ranks of the true matches ``(rows, cols)`` among the non-junk items of their rows, but for near-ties.
 
     ``keys`` are float32 keys within ``tolerance[row]`` of the exact keys, so an item more than twice that below
@@ -543,29 +540,23 @@ def _ranks_in_pass(
     (hard features: matches deep in the ranking), ``_histogram_counts`` counts those in bins below each window
     instead, and only the items of the bins a window touches are sorted. The gallery is never sorted.
 
-    Returns those counts, the near-ties left to settle: ``(match, column, float32 key)``, an item of the match's
-    window (other than the match) each -- see ``_near_tie_ranks`` -- and the matches' float64 keys with their
-    bounds (``source.nearly``; NaN where not asked for). Most windows of trained features hold the match alone:
-    then nothing is left. With the histogram the matches' float64 keys are asked for first (a few per row): their
-    windows are then half as wide (an item's float32 error only), which halves the items to sort and settle.
+    Returns those counts and the near-ties left to settle: ``(match, column, float32 key)``, an item of the
+    match's window (other than the match) each -- see ``_near_tie_ranks``. Most windows of trained features hold
+    the match alone: then nothing is left.
     """
     n, width = keys.shape
     if len(rows) == 0:  # only queries without a true match: nothing to rank
         nothing = np.zeros(0, dtype=np.int64)
-        return nothing, nothing, nothing, np.zeros(0, dtype=np.float32), np.zeros(0), np.zeros(0)
+        return nothing, nothing, nothing, np.zeros(0, dtype=np.float32)
     col_bits = max(1, (width - 1).bit_length())
     low, high = _window(keys[rows, cols].astype(np.float64), 2 * tolerance[rows])
     limit = np.full(n, -np.inf, dtype=np.float32)
     np.maximum.at(limit, rows, high)
+    below = keys <= limit[:, None]
     junk_flat = np.sort(junk[0] * width + junk[1])
-    match_near, match_bound = np.full(len(rows), np.nan), np.full(len(rows), np.nan)
-    sample = keys[:, ::_SAMPLE_STEP]  # which way is quicker: a sample tells
-    if np.count_nonzero(sample <= limit[:, None]) < _CANDIDATE_SHARE * sample.size:
-        selected = np.flatnonzero(keys <= limit[:, None])
-        ranks, low_bin, bins = np.zeros(len(rows), dtype=np.int64), None, None
+    if np.count_nonzero(below) < _CANDIDATE_SHARE * below.size:
+        ranks, selected, low_bin, bins = np.zeros(len(rows), dtype=np.int64), np.flatnonzero(below), None, None
     else:
-        match_near, match_bound = source.nearly(rows, cols)
-        low, high = _window(match_near, tolerance[rows] + match_bound)
         ranks, selected, low_bin, bins = _histogram_counts(keys, rows, low, high, junk_flat)
     selected = selected[~_flat_member(junk_flat, selected)]
     sel_rows = selected // width
@@ -592,7 +583,7 @@ def _ranks_in_pass(
     item_cols &= col_mask
     other = item_cols != cols[match]
     match, item_cols = match[other], item_cols[other]
-    return ranks, match, item_cols, keys[rows[match], item_cols], match_near, match_bound
+    return ranks, match, item_cols, keys[rows[match], item_cols]
 
 
 def _histogram_counts(
@@ -608,22 +599,16 @@ def _histogram_counts(
     total = n * bins.per_row
     item_bins = bins.of_rows(keys, np.empty_like(keys), np.empty(keys.shape, dtype=np.int32)).reshape(-1)
     low_bin, high_bin = bins.of(low, rows), bins.of(high, rows)
-    counts = np.bincount(item_bins, minlength=total)
-    np.subtract.at(counts, item_bins[junk_flat], 1)
+    counts = np.bincount(item_bins, minlength=total) - np.bincount(item_bins[junk_flat], minlength=total)
     before_bin = np.cumsum(counts) - counts  # items in all earlier bins, earlier rows included
     ranks = before_bin[low_bin] - before_bin[rows * bins.per_row]  # the row's items in bins below low's
-    touched = np.zeros(total, dtype=bool)
-    widths = high_bin - low_bin + 1  # a window's bins: a few
-    if widths.sum() <= total:
-        touched[np.repeat(low_bin - np.cumsum(widths) + widths, widths) + np.arange(widths.sum())] = True
-    else:  # wide windows (tolerances as large as the keys' spread): +1 where one starts, -1 after it ends
-        edges = np.bincount(low_bin, minlength=total + 1) - np.bincount(high_bin + 1, minlength=total + 1)
-        touched = np.cumsum(edges[:total]) > 0
+    edges = np.bincount(low_bin, minlength=total + 1) - np.bincount(high_bin + 1, minlength=total + 1)
+    touched = np.cumsum(edges[:total]) > 0
     return ranks, np.flatnonzero(np.take(touched, item_bins, mode="clip")), low_bin, item_bins
 
 
 def _near_tie_ranks(
-    near_ties: tuple[np.ndarray, ...],
+    near_ties: tuple[np.ndarray, np.ndarray, np.ndarray],
     rows: np.ndarray,
     cols: np.ndarray,
     tolerance: np.ndarray,
@@ -631,18 +616,14 @@ def _near_tie_ranks(
 ) -> np.ndarray:
     """How many of the near-ties ``(match, item column, item float32 key)`` come before their match, per match.
 
-    ``near_ties`` also holds each match's float64 key and its bound where a pass already asked for them (else NaN).
     The matches with near-ties get float64 keys from ``source.nearly``, within a bound of their exact ones: the
     window around that is half as wide (an item's float32 error only), and the items outside it are placed by
     their float32 keys. Those inside get float64 keys too; only where an item's and its match's are within their
     bounds of each other are the exact keys needed, and equal exact keys go by gallery order.
     """
-    match, item_cols, item_keys, known_near, known_bound = near_ties
+    match, item_cols, item_keys = near_ties
     crowded, match_of = np.unique(match, return_inverse=True)
-    match_near, match_bound = known_near[crowded], known_bound[crowded]
-    missing = np.isnan(match_near)
-    if missing.any():
-        match_near[missing], match_bound[missing] = source.nearly(rows[crowded[missing]], cols[crowded[missing]])
+    match_near, match_bound = source.nearly(rows[crowded], cols[crowded])
     low, high = _window(match_near, tolerance[rows[crowded]] + match_bound)
     before = item_keys < low[match_of]
     inside = np.flatnonzero(~before & (item_keys <= high[match_of]))
@@ -740,23 +721,21 @@ def _block_results(
         last = min(first + step, len(keys))
         lo, hi = np.searchsorted(rows, [first, last])
         junk_lo, junk_hi = np.searchsorted(junk_rows, [first, last])
-        ranks, match, *rest = _ranks_in_pass(
+        ranks, match, item_cols, item_keys = _ranks_in_pass(
             keys[first:last],
             rows[lo:hi] - first,
             cols[lo:hi],
             (junk_rows[junk_lo:junk_hi] - first, junk_cols[junk_lo:junk_hi]),
             tolerance[first:last],
-            _FromRow(source, first),
         )
-        return ranks, lo + match, *rest
+        return ranks, lo + match, item_cols, item_keys
 
     parts = list(pool.map(one_pass, firsts))
     ranks = np.concatenate([part[0] for part in parts]) if parts else np.zeros(0, dtype=np.int64)
-    match, item_cols, item_keys, near, bound = (np.concatenate([part[k] for part in parts]) for k in range(1, 6))
+    match, item_cols, item_keys = (np.concatenate([part[k] for part in parts]) for k in (1, 2, 3))
     # the near-ties in a few parts of whole matches (they come in match order), one a thread
     cuts = np.searchsorted(match, np.linspace(0, len(rows), threads + 1).astype(np.int64)[1:-1])
-    split = (np.split(a, cuts) for a in (match, item_cols, item_keys))
-    pieces = [(*piece, near, bound) for piece in zip(*split, strict=True)]
+    pieces = [(m, c, k) for m, c, k in zip(*(np.split(a, cuts) for a in (match, item_cols, item_keys)), strict=True)]
     for extra in pool.map(lambda piece: _near_tie_ranks(piece, rows, cols, tolerance, source), pieces):
         ranks += extra
 
