@@ -42,6 +42,7 @@ Run from the repository root::
     python benchmarks/bench_train.py --erasing_p 0.5 --color_jitter   # the augmentation-heavy recipe
     python benchmarks/bench_train.py --device cuda --configs baseline --train_ids 751 --baseline_batches 200
     python benchmarks/bench_train.py --busy                   # idle against one busy core, ~6 minutes
+    python benchmarks/bench_train.py --busy --starts "torch first" "as shipped" passive --spins 3000 30000
 """
 
 from __future__ import annotations
@@ -107,7 +108,16 @@ STARTS = {
     "torch first": "torch loaded before reid_utils: OpenMP's own default, threads spin a while before they sleep",
     "as shipped": "python -m reid_utils.train: reid_utils sets how OpenMP threads wait before torch loads",
     "1 thread": "the same with OMP_NUM_THREADS=1 (for comparison: one thread sums in another order)",
+    "passive": "the same with OMP_WAIT_POLICY=passive alone: waiting threads sleep at once (0 spins)",
 }
+DEFAULT_STARTS = ["torch first", "as shipped", "1 thread"]
+
+
+def describe(start: str) -> str:
+    """What a way of starting does; ``--spins N`` adds "N spins": a user's GOMP_SPINCOUNT=N (reid_utils keeps it)."""
+    return STARTS.get(start) or f"the same with GOMP_SPINCOUNT={start.split()[0]}: waiting threads spin that long"
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -364,6 +374,10 @@ def demo_command(start: str, prepared: Path, model_dir: Path, name: str, epochs:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     if start == "1 thread":
         env["OMP_NUM_THREADS"] = "1"
+    if start == "passive":
+        env["OMP_WAIT_POLICY"] = "passive"
+    if start.endswith(" spins"):
+        env["GOMP_SPINCOUNT"] = start.split()[0]
     if start == "torch first":
         load = "import torch, runpy; runpy.run_module('reid_utils.train', run_name='__main__', alter_sys=True)"
         return [sys.executable, "-c", load, *options], env
@@ -398,7 +412,7 @@ def busy_comparison(prepared: Path, work: Path, starts: list[str], rounds: int, 
         kept = statistics.median(b / i for b, i in zip(rates[start, "busy"], rates[start, "idle"], strict=True))
         lines.append(
             f"{start:<12} idle {idle:6.1f} img/s, busy {busy:6.1f} img/s: keeps {100 * kept:.0f}% beside a busy "
-            f"core (median of rounds); idle {idle / reference:.2f}x {starts[0]}   [{STARTS[start]}]"
+            f"core (median of rounds); idle {idle / reference:.2f}x {starts[0]}   [{describe(start)}]"
         )
     return lines
 
@@ -432,10 +446,12 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--busy", action="store_true", help="the demo's command line, idle against one busy core")
     parser.add_argument("--busy_rounds", type=int, default=4, help="rounds of --busy (each: idle and busy runs)")
-    parser.add_argument("--starts", nargs="+", default=list(STARTS), choices=list(STARTS), help="ways to start, --busy")
+    parser.add_argument("--starts", nargs="+", default=DEFAULT_STARTS, choices=list(STARTS), help="--busy: starts")
+    parser.add_argument("--spins", nargs="+", type=int, default=[], help="--busy: also start with GOMP_SPINCOUNT=N")
     parser.add_argument("--busy_epochs", type=int, default=3, help="epochs per --busy run (the first is not timed)")
     args = parser.parse_args(argv)
     if args.busy:
+        args.starts = [*args.starts, *(f"{n} spins" for n in args.spins)]
         return main_busy(args)
     if args.allocator == "reuse" and not reuse_freed_memory():
         parser.error("--allocator reuse needs Linux with glibc.")
@@ -510,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
 def main_busy(args: argparse.Namespace) -> int:
     print(f"CPU: {cpu_name()} ({os.cpu_count()} cores); torch {torch.__version__}; load average {load_average()}")
     for start in args.starts:
-        print(f"  {start:<12} {STARTS[start]}")
+        print(f"  {start:<12} {describe(start)}")
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         work = Path(args.work_dir) if args.work_dir else Path(tmp)
         prepared = make_data(work, args.train_ids, args.test_ids)
