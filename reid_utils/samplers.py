@@ -159,6 +159,14 @@ def training_sampler(
     from ``seed`` and the epoch alone (call ``set_epoch``), which makes resumed runs exact.
     """
     if instances > 0:
+        people = len(torch.as_tensor(labels).unique())
+        if batch_size // instances > people:  # said in the command line's words, with the batch that fits
+            fits = people * instances
+            raise ValueError(
+                f"--batchsize {batch_size} with --instances {instances} asks for {batch_size // instances} identities "
+                f"per batch, but the training set has {people}: use --batchsize {fits} or less (a multiple of "
+                f"--instances), or train on more identities."
+            )
         return PKSampler(labels, batch_size // instances, instances, seed=seed, shard=shard)
     rank, world = shard
     if world > 1:

@@ -176,6 +176,17 @@ def test_all_tricks_train_with_pk_batches(tiny_prepared, tmp_path):
     assert yaml.safe_load((tmp_path / "tiny" / "opts.yaml").read_text())["bnneck"] is True
 
 
+def test_more_identities_per_batch_than_the_data_has_is_said_in_the_options_words(tiny_prepared, tmp_path, capsys):
+    """It said ``p=10 identities per batch, but the labels hold only 8 identities``: the sampler's words, no fix."""
+    args = ["--data_dir", str(tiny_prepared), "--model_dir", str(tmp_path), "--gpu_ids", "", "--height", "32",
+            "--width", "16", "--triplet_weight", "1", "--instances", "4", "--batchsize", "40"]  # fmt: skip
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("train: error: --batchsize 40 with --instances 4 asks for 10 identities per batch")
+    fits = int(re.search(r"use --batchsize (\d+) or less", error)[1])
+    assert fits == 8 * 4 and not (tmp_path / "ft_ResNet50").exists()
+
+
 def test_triplet_needs_several_images_per_identity(tiny_prepared, tmp_path):
     with pytest.raises(TrainError, match="--instances"):
         train(tiny_options(tiny_prepared, tmp_path, triplet_weight=1.0, instances=1), quiet=True)
