@@ -48,6 +48,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import reid_utils  # noqa: F401  first, before numpy: it sets how numpy's BLAS threads wait (see its __init__.py)
+
+# isort: split
+
 import numpy as np
 
 from reid_utils.metrics import PAIRS_PER_CHUNK, Evaluation, evaluate, evaluate_naive

@@ -34,6 +34,10 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+import reid_utils  # noqa: F401  first, before numpy: it sets how numpy's BLAS threads wait (see its __init__.py)
+
+# isort: split
+
 import numpy as np
 
 from reid_utils.metrics import evaluate_from_distance

@@ -32,9 +32,14 @@ import os
 # sleep. OpenMP's default spin (300,000 rounds) cost 60-70 % of the training speed beside any other busy program (a
 # browser, a call) on 2 cores; sleeping at once (passive) kept ~65 % but cost 6-17 % when idle; 300 rounds of GNU
 # OpenMP (torch's on Linux) keep ~62 % but cost ~15 % idle; no count tried keeps both (RESULTS.md). Read when torch
-# loads: it counts where reid_utils comes first (the command lines; notebooks 03, 04, 06 set it before torch).
+# loads: it counts where reid_utils comes first (the command lines, notebooks 03-06).
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:  # yours win
     os.environ["GOMP_SPINCOUNT"] = "300"
     os.environ["OMP_WAIT_POLICY"] = "passive"  # other OpenMP runtimes (macOS, Windows): sleep at once
+# numpy's OpenBLAS: after each product its threads spin 2**28 cycles (~0.1 s) before they sleep, on the cores that
+# metrics.evaluate's ranking wants next (14 products at MSMT17 size: ~7 % of its CPU time). 2**4 cycles, the
+# shortest OpenBLAS allows: its products here are large, so waking its threads costs nothing measurable. Read when
+# numpy loads, so the same holds for it.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # yours wins
 
 __version__ = "0.1.0"
