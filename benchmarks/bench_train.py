@@ -30,10 +30,11 @@ which is reported on its own line (it happens once per run, or never with a disk
 
 ``--busy`` asks another question: how much of its speed the demo profile keeps when another program keeps one of
 the two cores busy (a browser, a video call; here ``python -c "while True: pass"``). Each run is the command line
-``python -m reid_utils.train`` with the ``cpu-demo`` profile's options in a fresh process, started in each of
-the ways of ``STARTS`` (OpenMP reads how its threads wait when torch loads, so only a fresh process can change
-it); rounds alternate an idle machine and a busy one, and the training rate (images of the train and val
-phases over the epoch times the run saved, its first epoch left out) is compared per way of starting.
+``python -m reid_utils.train`` with the ``cpu-demo`` profile's options in a fresh process (or a fresh Jupyter
+kernel running ``reid_utils.train.main`` with them, as a notebook does), started in each of the ways of
+``STARTS`` (OpenMP reads how its threads wait when torch loads, so only a fresh process can change it); rounds
+alternate an idle machine and a busy one, and the training rate (images of the train and val phases over the
+epoch times the run saved, its first epoch left out) is compared per way of starting.
 
 Run from the repository root::
 
@@ -43,6 +44,7 @@ Run from the repository root::
     python benchmarks/bench_train.py --device cuda --configs baseline --train_ids 751 --baseline_batches 200
     python benchmarks/bench_train.py --busy                   # idle against one busy core, ~6 minutes
     python benchmarks/bench_train.py --busy --starts "torch first" "as shipped" passive --spins 3000 30000
+    python benchmarks/bench_train.py --busy --starts "kernel, torch first" kernel   # in a Jupyter kernel
 """
 
 from __future__ import annotations
@@ -109,6 +111,8 @@ STARTS = {
     "as shipped": "python -m reid_utils.train: reid_utils sets how OpenMP threads wait before torch loads",
     "1 thread": "the same with OMP_NUM_THREADS=1 (for comparison: one thread sums in another order)",
     "passive": "the same with OMP_WAIT_POLICY=passive alone: waiting threads sleep at once (0 spins)",
+    "kernel": "a Jupyter kernel, as notebooks 03-06 run: import reid_utils first, then reid_utils.train.main(...)",
+    "kernel, torch first": "a Jupyter kernel that loads torch before reid_utils: OpenMP's own default",
 }
 DEFAULT_STARTS = ["torch first", "as shipped", "1 thread"]
 
@@ -381,14 +385,34 @@ def demo_command(start: str, prepared: Path, model_dir: Path, name: str, epochs:
     if start == "torch first":
         load = "import torch, runpy; runpy.run_module('reid_utils.train', run_name='__main__', alter_sys=True)"
         return [sys.executable, "-c", load, *options], env
+    if start.startswith("kernel"):  # the code a notebook cell would run
+        first = "import torch\n" if start.endswith("torch first") else ""
+        return [f"{first}import reid_utils\nfrom reid_utils.train import main\nmain({options!r})"], env
     return [sys.executable, "-m", "reid_utils.train", *options], env
+
+
+def run_in_kernel(code: str, env: dict) -> None:
+    """Run ``code`` in a fresh Jupyter kernel (the environment ``env``), as a notebook cell would."""
+    from jupyter_client.manager import start_new_kernel
+
+    manager, client = start_new_kernel(kernel_name="python3", env=env, stderr=subprocess.DEVNULL)  # its failures: below
+    try:
+        reply = client.execute_interactive(code, timeout=900, output_hook=lambda message: None)
+        if reply["content"]["status"] != "ok":
+            raise RuntimeError(f"the kernel failed: {reply['content'].get('ename')}: {reply['content'].get('evalue')}")
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
 
 
 def demo_rate(start: str, prepared: Path, work: Path, epochs: int) -> float:
     """Training images per second of one fresh run (train and val phases, epochs after the first)."""
     name = f"busy_{time.monotonic_ns()}"
     command, env = demo_command(start, prepared, work, name, epochs)
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if start.startswith("kernel"):
+        run_in_kernel(command[0], env)
+    else:
+        subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     history = torch.load(work / name / "net_last.pth", map_location="cpu", weights_only=False)["history"]
     images = sum(1 for phase in ("train", "val") for _ in (prepared / phase).rglob("*.jpg"))
     return images * (epochs - 1) / sum(history["seconds"][1:])
@@ -532,7 +556,7 @@ def main_busy(args: argparse.Namespace) -> int:
         prepared = make_data(work, args.train_ids, args.test_ids)
         with tempfile.TemporaryDirectory(prefix="runs-", dir=work) as runs:
             lines = busy_comparison(prepared, Path(runs), args.starts, args.busy_rounds, args.busy_epochs)
-    print("\nSummary (cpu-demo profile, python -m reid_utils.train)")
+    print("\nSummary (cpu-demo profile, python -m reid_utils.train or its main() in a kernel)")
     for line in lines:
         print(f"  {line}")
     return 0
