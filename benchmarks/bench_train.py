@@ -111,7 +111,7 @@ STARTS = {
     "as shipped": "python -m reid_utils.train: reid_utils sets how OpenMP threads wait before torch loads",
     "1 thread": "the same with OMP_NUM_THREADS=1 (for comparison: one thread sums in another order)",
     "passive": "the same with OMP_WAIT_POLICY=passive alone: waiting threads sleep at once (0 spins)",
-    "kernel": "a Jupyter kernel, as notebooks 03-06 run: import reid_utils first, then reid_utils.train.main(...)",
+    "kernel": "a Jupyter kernel, as the notebooks run: import reid_utils first, then reid_utils.train.main(...)",
     "kernel, torch first": "a Jupyter kernel that loads torch before reid_utils: OpenMP's own default",
 }
 DEFAULT_STARTS = ["torch first", "as shipped", "1 thread"]

@@ -32,7 +32,7 @@ import os
 # sleep. OpenMP's default spin (300,000 rounds) cost 60-70 % of the training speed beside any other busy program (a
 # browser, a call) on 2 cores, and in a Jupyter kernel 94 % even on an idle machine; 300 rounds of GNU OpenMP (torch's
 # on Linux) keep 62-86 %, at 0.86x-1.47x the default's idle speed, by host (RESULTS.md). Read when torch loads: it
-# counts where reid_utils comes first (the command lines, notebooks 03-06).
+# counts where reid_utils comes first (the command lines, every notebook).
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:  # yours win
     os.environ["GOMP_SPINCOUNT"] = "300"
     os.environ["OMP_WAIT_POLICY"] = "passive"  # other OpenMP runtimes (macOS, Windows): sleep at once
