@@ -41,8 +41,8 @@ def test_a_users_own_wait_settings_win():
 
 def test_notebooks_import_reid_utils_before_numpy_and_torch():
     """In every notebook, the first import that loads numpy or torch (in a kernel, that one does) is one of
-    reid_utils, so the package has set how their threads wait by then. (A kernel with OpenMP's default spin ran
-    notebook 02 in 29-33 s instead of 6-8 s on a 2-core host, and trained at 1/18 of the speed: RESULTS.md.)"""
+    reid_utils, so the package has set how their threads wait by then. (Beside a busy core, a kernel with OpenMP's
+    default spin ran notebook 02 in 29-33 s instead of 6-8 s, and trained at 10 img/s instead of 199: RESULTS.md.)"""
     notebooks = sorted((ROOT / "notebooks").glob("0*.ipynb"))
     assert len(notebooks) >= 6
     for path in notebooks:
