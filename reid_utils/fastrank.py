@@ -19,8 +19,8 @@ import numpy as np
 
 # chunk_size=None (the default): each float32 matrix product covers as many queries as PAIRS_PER_CHUNK (query,
 # gallery) pairs allow, 256 MB of scores: all 3,368 queries x 15,913 kept gallery columns of Market-1501, 816 x
-# 82,161 for MSMT17. Fewer, larger products: each packs the whole gallery once, and after each OpenBLAS's threads
-# spin ~0.1 s (on a core the ranking threads want) before they sleep. One buffer, reused.
+# 82,161 for MSMT17. Fewer, larger products: each packs the whole gallery once and wakes OpenBLAS's threads once
+# (without reid_utils' OPENBLAS_THREAD_TIMEOUT they then spin ~0.1 s on the ranking's cores). One buffer, reused.
 PAIRS_PER_CHUNK = 1 << 26
 # Past a few threads numpy's work between its GIL releases would keep them waiting for each other.
 _MAX_RANKING_THREADS = 4
