@@ -21,8 +21,8 @@ pass"``, started and stopped by this script). Medians over the rounds are report
 bit for bit to the loop's (CMC and AP arrays, both AP conventions) on the loop's queries. At MSMT17 size the
 script also measures the peak memory of one ``evaluate`` call in a fresh process that holds nothing else but
 the features: peak resident memory (``VmHWM``, reset just before the call) above the resident memory before it.
-``--old REV`` also times ``evaluate`` as it was at git revision REV (``reid_utils/metrics.py`` loaded from git)
-right after the current one in every round, and checks that both give the same results.
+``--old REV`` also times ``evaluate`` as it was at git revision REV (``reid_utils/metrics.py`` and ``fastrank.py``
+loaded from git) right after the current one in every round, and checks that both give the same results.
 
 Run from the repository root (take the lock so benchmarks do not overlap)::
 
@@ -368,15 +368,29 @@ def run(args: argparse.Namespace) -> int:
 
 
 def load_old_evaluate(revision: str) -> Callable:
-    """``evaluate`` from ``reid_utils/metrics.py`` as it was at a git revision, loaded under its own name."""
-    source = subprocess.run(
-        ["git", "show", f"{revision}:reid_utils/metrics.py"], capture_output=True, text=True, check=True,
-        cwd=Path(__file__).resolve().parents[1],
-    ).stdout  # fmt: skip
-    module = types.ModuleType("metrics_old")
-    sys.modules[module.__name__] = module  # dataclasses look their module up
-    exec(compile(source, f"{revision}:reid_utils/metrics.py", "exec"), module.__dict__)
-    return module.evaluate
+    """``evaluate`` as it was at a git revision: ``reid_utils/metrics.py`` and, where the revision has it, the
+    ``reid_utils/fastrank.py`` it imports (the fast path since it moved there), loaded under names of their own."""
+    root = Path(__file__).resolve().parents[1]
+
+    def load(path: str, name: str) -> types.ModuleType | None:
+        shown = subprocess.run(["git", "show", f"{revision}:{path}"], capture_output=True, text=True, cwd=root)
+        if shown.returncode != 0:
+            return None
+        module = types.ModuleType(name)
+        sys.modules[name] = module  # dataclasses look their module up
+        exec(compile(shown.stdout, f"{revision}:{path}", "exec"), module.__dict__)
+        return module
+
+    current = sys.modules["reid_utils.fastrank"]
+    old_fastrank = load("reid_utils/fastrank.py", "fastrank_old")
+    try:  # the old metrics.py's ``from reid_utils.fastrank import ...`` finds the old module
+        sys.modules["reid_utils.fastrank"] = old_fastrank or current
+        old_metrics = load("reid_utils/metrics.py", "metrics_old")
+    finally:
+        sys.modules["reid_utils.fastrank"] = current
+    if old_metrics is None:
+        raise SystemExit(f"--old {revision}: git has no reid_utils/metrics.py at that revision.")
+    return old_metrics.evaluate
 
 
 def memory_child(path: str) -> None:

@@ -78,3 +78,23 @@ def test_bench_evaluate_msmt_size_reports_memory(monkeypatch, capsys):
     assert out.count(": True") == 2 and "False" not in out
     assert re.search(r"hard idle \(median of 1\): product [\d.]+ s, evaluate [\d.]+ s: [\d.]+x the product \(CPU", out)
     assert re.search(r"hard: memory of one evaluate call above the features .*: peak resident \+\d+ MiB", out)
+
+
+def test_bench_evaluate_old_loads_the_fast_path_of_that_revision_too(monkeypatch, capsys):
+    """``--old REV`` must time the old ranking: since the fast path moved to ``fastrank.py``, loading the old
+    ``metrics.py`` alone would have compared today's ``fastrank`` with itself."""
+    import numpy as np
+
+    import reid_utils.fastrank as current
+
+    script = runpy.run_path(str(ROOT / "benchmarks" / "bench_evaluate.py"))
+    old_evaluate = script["load_old_evaluate"]("HEAD")
+    old_rank_blocks = old_evaluate.__globals__["rank_blocks"]
+    assert old_rank_blocks.__module__ == "fastrank_old" and old_rank_blocks is not current.rank_blocks
+    assert sys.modules["reid_utils.fastrank"] is current  # put back for everything else
+    data = script["make_market_like"](**script["shrunk"](script["MARKET"], 40), noise=3.3)
+    assert script["identical"](old_evaluate(*data.inputs()), script["evaluate"](*data.inputs()))
+
+    out = run_script("bench_evaluate.py", ["--shrink", "40", "--repeats", "1", "--old", "HEAD"], monkeypatch, capsys)
+    assert re.search(r"old +[\d.]+ s: [\d.]+x evaluate", out) and "False" not in out
+    assert np.isfinite(float(re.search(r"old +([\d.]+) s", out).group(1)))
