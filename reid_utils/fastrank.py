@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Protocol
 
 import numpy as np
+import torch
 
 # chunk_size=None (the default): each float32 matrix product covers as many queries as PAIRS_PER_CHUNK (query,
 # gallery) pairs allow, 256 MB of scores: all 3,368 queries x 15,913 kept gallery columns of Market-1501, 816 x
@@ -415,12 +416,15 @@ def _histogram_counts(
     total = n * bins.per_row
     item_bins = bins.of_rows(keys, np.empty_like(keys), np.empty(keys.shape, dtype=np.int32)).reshape(-1)
     low_bin, high_bin = bins.of(low, rows), bins.of(high, rows)
-    counts = np.bincount(item_bins, minlength=total) - np.bincount(item_bins[junk_flat], minlength=total)
+    # the two passes over every item by torch: its bincount takes ~0.5 ns an item where numpy's takes ~1.2 (and two
+    # threads of numpy's run no faster than one), its index_select ~0.5 where np.take takes ~0.7
+    every_item = torch.from_numpy(item_bins)
+    counts = torch.bincount(every_item, minlength=total).numpy() - np.bincount(item_bins[junk_flat], minlength=total)
     before_bin = np.cumsum(counts) - counts  # items in all earlier bins, earlier rows included
     ranks = before_bin[low_bin] - before_bin[rows * bins.per_row]  # the row's items in bins below low's
     edges = np.bincount(low_bin, minlength=total + 1) - np.bincount(high_bin + 1, minlength=total + 1)
-    touched = np.cumsum(edges[:total]) > 0
-    return ranks, np.flatnonzero(np.take(touched, item_bins, mode="clip")), low_bin, item_bins
+    touched = torch.from_numpy(np.cumsum(edges[:total]) > 0)
+    return ranks, np.flatnonzero(touched.index_select(0, every_item).numpy()), low_bin, item_bins
 
 
 def _near_tie_ranks(
