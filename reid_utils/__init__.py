@@ -31,7 +31,7 @@ import os
 # Threads, on purpose: torch's default count (one per core), and waiting threads that spin only a moment before they
 # sleep. OpenMP's default spin (300,000 rounds) cost 60-70 % of the training speed beside any other busy program (a
 # browser, a call) on 2 cores, 97 % in a Jupyter kernel; 300 rounds of GNU OpenMP (torch's on Linux) keep 60-63 %,
-# at 0.80x-0.97x the default's idle speed, by host; no count tried keeps both (RESULTS.md). Read when torch loads: it
+# at 0.78x-0.97x the default's idle speed, by host; no count tried keeps both (RESULTS.md). Read when torch loads: it
 # counts where reid_utils comes first (the command lines, every notebook).
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:  # yours win
     os.environ["GOMP_SPINCOUNT"] = "300"
